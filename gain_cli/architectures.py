@@ -1,0 +1,130 @@
+"""The one table of architecture differences.
+
+Every place that needs to know where a model family keeps its attention output
+projection, FFN down projection, decoder layers or LoRA targets reads it here.
+Module paths are relative to one decoder layer. To add an architecture, add a row
+(keyed by the Hugging Face ``config.model_type``), or set the module names in the
+model config (``model.arch_overrides: {layers: ..., attn_out: ..., ffn_down: ...}``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from gain_cli.errors import GainError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where the modules that the methods touch live in one model family."""
+
+    model_type: str
+    layers: str  # path from the top-level *ForCausalLM to the list of decoder layers
+    attn_out: str  # attention output projection (input = concatenated heads)
+    ffn_down: str  # FFN down projection (input = intermediate activations)
+    lora_targets: tuple[str, ...] = field(default_factory=tuple)  # PEFT target_modules (suffixes)
+    hidden_size_key: str = "hidden_size"
+    intermediate_size_key: str = "intermediate_size"
+    layers_key: str = "num_hidden_layers"
+
+
+_LLAMA_LIKE = dict(
+    layers="model.layers",
+    attn_out="self_attn.o_proj",
+    ffn_down="mlp.down_proj",
+    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+)
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    "gpt2": ArchSpec(
+        "gpt2",
+        layers="transformer.h",
+        attn_out="attn.c_proj",  # Conv1D: weight stored (in, out)
+        ffn_down="mlp.c_proj",
+        lora_targets=("c_attn", "attn.c_proj"),
+        hidden_size_key="n_embd",
+        intermediate_size_key="n_inner",  # None in GPT-2 configs means 4 * n_embd
+        layers_key="n_layer",
+    ),
+    "llama": ArchSpec("llama", **_LLAMA_LIKE),
+    "qwen2": ArchSpec("qwen2", **_LLAMA_LIKE),
+    "qwen3": ArchSpec("qwen3", **_LLAMA_LIKE),
+    "mistral": ArchSpec("mistral", **_LLAMA_LIKE),
+    "gemma": ArchSpec("gemma", **_LLAMA_LIKE),
+    "gemma2": ArchSpec("gemma2", **_LLAMA_LIKE),
+    "gemma3_text": ArchSpec("gemma3_text", **_LLAMA_LIKE),
+    "phi3": ArchSpec(
+        "phi3",
+        layers="model.layers",
+        attn_out="self_attn.o_proj",
+        ffn_down="mlp.down_proj",
+        lora_targets=("qkv_proj", "o_proj"),
+    ),
+    "phi": ArchSpec(
+        "phi",
+        layers="model.layers",
+        attn_out="self_attn.dense",
+        ffn_down="mlp.fc2",
+        lora_targets=("q_proj", "k_proj", "v_proj", "dense"),
+    ),
+    "gpt_neox": ArchSpec(
+        "gpt_neox",
+        layers="gpt_neox.layers",
+        attn_out="attention.dense",
+        ffn_down="mlp.dense_4h_to_h",
+        lora_targets=("query_key_value", "attention.dense"),
+    ),
+}
+
+_OVERRIDABLE = ("layers", "attn_out", "ffn_down", "lora_targets")
+
+
+def arch_for(model_type: str, overrides: dict[str, Any] | None = None) -> ArchSpec:
+    """The ArchSpec for a HF ``model_type``, with optional per-model overrides."""
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    bad = sorted(set(overrides) - set(_OVERRIDABLE))
+    if bad:
+        raise GainError(f"unknown key(s) in model.arch_overrides: {', '.join(bad)} (valid: {', '.join(_OVERRIDABLE)})")
+    if "lora_targets" in overrides:
+        overrides["lora_targets"] = tuple(overrides["lora_targets"])
+    spec = ARCHITECTURES.get(model_type)
+    if spec is None:
+        missing = [k for k in ("layers", "attn_out", "ffn_down") if k not in overrides]
+        if missing:
+            raise GainError(
+                f"architecture '{model_type}' is not in gain's table (known: {', '.join(sorted(ARCHITECTURES))}); "
+                "add a row to gain_cli/architectures.py or set model.arch_overrides with keys "
+                "layers, attn_out, ffn_down (module paths, e.g. layers=model.layers attn_out=self_attn.o_proj "
+                "ffn_down=mlp.down_proj)"
+            )
+        return ArchSpec(model_type=model_type, **overrides)
+    return replace(spec, **overrides) if overrides else spec
+
+
+def get_submodule(root: Any, path: str) -> Any:
+    obj = root
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            raise GainError(f"module path '{path}' not found in {type(root).__name__} (missing '{part}')")
+        obj = getattr(obj, part)
+    return obj
+
+
+def decoder_layers(model: Any, spec: ArchSpec) -> list[Any]:
+    return list(get_submodule(model, spec.layers))
+
+
+def hidden_size(config: Any, spec: ArchSpec) -> int:
+    return int(getattr(config, spec.hidden_size_key))
+
+
+def intermediate_size(config: Any, spec: ArchSpec) -> int:
+    v = getattr(config, spec.intermediate_size_key, None)
+    if v is None:  # GPT-2: n_inner=None means 4 * n_embd
+        return 4 * hidden_size(config, spec)
+    return int(v)
+
+
+def num_layers(config: Any, spec: ArchSpec) -> int:
+    return int(getattr(config, spec.layers_key))

@@ -1,0 +1,115 @@
+"""The one small interface every adaptation method implements.
+
+Lifecycle of one stage (driven by ``gain_cli.training.stage``)::
+
+    model = method.attach(model)               # freeze the base, add/wrap trainable parts
+    params = method.trainable_parameters(model)
+    loss = model(input_ids=...).loss + method.regularization(model)
+    state = method.state_dict(model)           # saved as stages/stage_K/method_state.safetensors
+    model = method.finish_stage(model)         # carry forward (merge into the weights by default)
+
+Rebuilding the model after stage K from disk (resume, ``gain merge``, ``gain eval``)
+replays the same calls with ``load_state_dict`` instead of training::
+
+    model = method.attach(model); method.load_state_dict(model, state); model = method.finish_stage(model)
+
+A method is added in one place: a module in ``gain_cli/methods/`` with a ``Method``
+subclass registered by ``@register("kind")`` and a YAML in ``configs/method/``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from gain_cli.architectures import ArchSpec
+from gain_cli.errors import GainError, unknown_choice
+
+METHOD_KINDS: dict[str, type["Method"]] = {}
+
+
+def register(kind: str):
+    def deco(cls: type[Method]) -> type[Method]:
+        cls.kind = kind
+        METHOD_KINDS[kind] = cls
+        return cls
+
+    return deco
+
+
+class Method(ABC):
+    """Base class. ``cfg`` is the method's config group (``configs/method/<name>.yaml``)."""
+
+    kind: ClassVar[str] = ""
+    mergeable: ClassVar[bool] = True  # False: adapted model is not a single plain HF model (IMSM)
+    cumulative_state: ClassVar[bool] = False  # True: the last stage's state alone rebuilds the model
+
+    def __init__(self, cfg: Mapping[str, Any], spec: ArchSpec):
+        self.cfg = dict(cfg)
+        self.spec = spec
+        self.name = str(self.cfg.get("name", self.kind))
+
+    # --- training -----------------------------------------------------------------
+    @abstractmethod
+    def attach(self, model: nn.Module) -> nn.Module:
+        """Freeze what must stay fixed and add the trainable parts; return the model to train."""
+
+    def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def optimizer_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """AdamW parameter groups; the learning rate is the method's own (``method.lr``)."""
+        params = [p for _, p in self.trainable_parameters(model)]
+        return [{"params": params, "lr": float(self.cfg.get("lr", 1e-4)),
+                 "weight_decay": float(self.cfg.get("weight_decay", 0.0))}]
+
+    def regularization(self, model: nn.Module) -> torch.Tensor | None:
+        """Extra loss term added to the LM loss (e.g. L2 pull of the gains toward 1)."""
+        return None
+
+    # --- state --------------------------------------------------------------------
+    @abstractmethod
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The method's own trained state (small for GAIN/LoRA; all weights for full FT)."""
+
+    @abstractmethod
+    def load_state_dict(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+        """Load a state produced by ``state_dict`` into a freshly attached model."""
+
+    # --- carrying forward / merging ------------------------------------------------
+    def finish_stage(self, model: nn.Module) -> nn.Module:
+        """What carries into the next stage. Default: merge into the weights."""
+        return self.merge(model)
+
+    @abstractmethod
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Absorb the adaptation into the weights; return a plain HF model."""
+
+    # --- information --------------------------------------------------------------
+    def count_trainable(self, model: nn.Module) -> int:
+        return sum(p.numel() for _, p in self.trainable_parameters(model))
+
+
+def freeze(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def check_state_keys(method: Method, expected: set[str], got: Mapping[str, Any]) -> None:
+    missing, extra = expected - set(got), set(got) - expected
+    if missing or extra:
+        raise GainError(
+            f"saved {method.name} state does not fit this model: "
+            f"{len(missing)} missing key(s) (e.g. {sorted(missing)[:2]}), {len(extra)} unexpected (e.g. {sorted(extra)[:2]})"
+        )
+
+
+def build_method(cfg: Mapping[str, Any], spec: ArchSpec) -> Method:
+    kind = cfg.get("kind") or cfg.get("name")
+    if kind not in METHOD_KINDS:
+        raise unknown_choice("method kind", kind, METHOD_KINDS)
+    return METHOD_KINDS[kind](cfg, spec)
