@@ -1,0 +1,308 @@
+"""`gain`: the command line.
+
+Every command takes Hydra-style ``key=value`` overrides after its options. User errors print
+one line and exit with code 2 (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from gain_cli.errors import GainError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
+                  help="gain: adapt a pretrained LLM to a sequence of text domains and measure forgetting.")
+data_app = typer.Typer(no_args_is_help=True, help="Domain data: list the domains of a config, build local data.")
+app.add_typer(data_app, name="data")
+
+OVERRIDES = {"allow_extra_args": True, "ignore_unknown_options": True}
+console = Console(stderr=False)
+err_console = Console(stderr=True)
+_state = {"debug": bool(os.environ.get("GAIN_DEBUG"))}
+
+
+def user_errors(fn):
+    """Turn GainError (and Ctrl-C) into one line and exit code 2 (130), unless --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except GainError as exc:
+            if _state["debug"]:
+                raise
+            err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted: finished stages are saved; continue with the same command and resume=true")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks.")) -> None:
+    if debug:
+        _state["debug"] = True
+
+
+def _compose(overrides: list[str], default_recipe: str | None = None):
+    from gain_cli.config import compose_config, split_recipe
+
+    recipe, rest = split_recipe(overrides or [], default_recipe)
+    return compose_config(_expand_model_path(rest), recipe)
+
+
+def _expand_model_path(overrides: list[str]) -> list[str]:
+    """`model=/some/dir` (a saved HF model) means the `local` model config with that path."""
+    out = []
+    for o in overrides:
+        if o.startswith("model=") and ("/" in o or Path(o[6:]).is_dir()):
+            path = o.split("=", 1)[1]
+            if not Path(path).expanduser().is_dir():
+                raise GainError(f"model path '{path}' is not a directory")
+            out += ["model=local", f"model.path={Path(path).expanduser().resolve()}"]
+        else:
+            out.append(o)
+    return out
+
+
+# --- run ------------------------------------------------------------------------------------
+
+@app.command(context_settings=OVERRIDES)
+@user_errors
+def run(overrides: Optional[list[str]] = typer.Argument(None, help="recipe=NAME and key=value overrides")) -> None:
+    """Run a sequential-domain experiment: base eval, then train + evaluate every domain per stage.
+
+    Example: gain run recipe=tiny_8domains method=lora train.steps=20 run_name=try1
+    """
+    from gain_cli.config import DEFAULT_RECIPE
+    from gain_cli.runner import run_experiment
+
+    cfg = _compose(overrides or [], DEFAULT_RECIPE)
+    console.print(f"recipe [bold]{cfg.recipe}[/bold] · model {cfg.model.name} · method {cfg.method.name} · "
+                  f"{len(cfg.domains.sequence)} domains · {cfg.train.steps} steps/stage", highlight=False)
+    run_dir = run_experiment(cfg, console)
+    _print_run(run_dir)
+    console.print(f"results: {run_dir}", highlight=False)
+
+
+def _print_run(run_dir: Path) -> None:
+    try:
+        from gain_cli.reporting.matrices import load_run
+        from gain_cli.reporting.tables import print_run
+    except ImportError:
+        return
+    print_run(load_run(run_dir), console)
+
+
+# --- eval -----------------------------------------------------------------------------------
+
+@app.command("eval", context_settings=OVERRIDES)
+@user_errors
+def eval_(
+    overrides: Optional[list[str]] = typer.Argument(None, help="model=NAME|PATH domains=NAME eval.max_blocks=N ..."),
+    run_dir: Optional[Path] = typer.Option(None, "--run", help="Evaluate a stage of this run (its model and method)."),
+    stage: Optional[int] = typer.Option(None, "--stage", help="Stage of --run to evaluate (default: the last finished)."),
+) -> None:
+    """Validation perplexity of a model (config, saved directory, or a run's stage) on a domain set."""
+    import time
+
+    from gain_cli.data.domains import DomainData, ensure_domains
+    from gain_cli.evaluation.perplexity import evaluate_blocks
+
+    cfg, model, tokenizer, label = _model_for_eval(overrides or [], run_dir, stage)
+    domains = ensure_domains(cfg.domains, cfg.cache_dir, log=console.print)
+    data = DomainData(domains, tokenizer, cfg.cache_dir)
+    table = Table(title=f"validation perplexity · {label}")
+    for col in ("domain", "PPL", "loss", "tokens"):
+        table.add_column(col, justify="right" if col != "domain" else "left")
+    t0 = time.perf_counter()
+    for d in domains:
+        r = evaluate_blocks(model, data.blocks(d.name, "validation", int(cfg.eval.block_size), cfg.eval.get("max_blocks")),
+                            int(cfg.eval.batch_size))
+        table.add_row(d.name, f"{r.ppl:.3f}", f"{r.loss:.4f}", str(r.tokens))
+    console.print(table)
+    console.print(f"{time.perf_counter() - t0:.1f} s", highlight=False)
+
+
+def _model_for_eval(overrides: list[str], run_dir: Path | None, stage: int | None):
+    from omegaconf import OmegaConf
+
+    from gain_cli.methods import build_method
+    from gain_cli.models.loading import load_model, model_spec
+    from gain_cli.runner import apply_saved_stages, finished_stages
+
+    if run_dir is None:
+        cfg = _compose(overrides, None)
+        model, tok = load_model(cfg.model, cfg.cache_dir)
+        return cfg, model, tok, f"{cfg.model.name} (no adaptation)"
+    cfg = _run_config(run_dir)
+    if overrides:
+        from gain_cli.config import compose_config
+
+        extra = compose_config(_expand_model_path(overrides), cfg.get("recipe"))
+        for key in ("domains", "eval"):
+            if any(o.startswith(key) for o in overrides):
+                cfg[key] = extra[key]
+    done = finished_stages(run_dir)
+    k = done[-1] if stage is None and done else (stage or 0)
+    if k and k not in done:
+        raise GainError(f"stage {k} of {run_dir} is not finished (finished: {', '.join(map(str, done)) or 'none'})")
+    model, tok = load_model(cfg.model, cfg.cache_dir)
+    method = build_method(OmegaConf.to_container(cfg.method), model_spec(cfg.model, model.config.model_type))
+    model = apply_saved_stages(model, method, run_dir, k)
+    return cfg, model, tok, f"{run_dir.name} after stage {k}"
+
+
+def _run_config(run_dir: Path):
+    from omegaconf import OmegaConf
+
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise GainError(f"{run_dir} is not a gain run directory (no config.yaml)")
+    return OmegaConf.load(path)
+
+
+# --- merge ----------------------------------------------------------------------------------
+
+@app.command()
+@user_errors
+def merge(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `gain run`."),
+    out: Path = typer.Option(..., "--out", help="Where to write the merged Hugging Face model."),
+    stage: Optional[int] = typer.Option(None, "--stage", help="Merge up to this stage (default: the last finished)."),
+) -> None:
+    """Absorb the adaptation into the weights and save a plain Hugging Face model (safetensors + tokenizer)."""
+    from gain_cli.merging import merge_run
+
+    path = merge_run(run_dir, out, stage)
+    console.print(f"merged model written to {path}", highlight=False)
+
+
+# --- report ---------------------------------------------------------------------------------
+
+@app.command()
+@user_errors
+def report(
+    run_dirs: list[Path] = typer.Argument(..., help="One or more run directories (same domain sequence)."),
+    fmt: str = typer.Option("md", "--format", help="Table format: md, latex or csv."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write tables, figures and report.md here."),
+) -> None:
+    """Print a run's matrices as tables; with --out (or several runs), write the comparison report."""
+    from gain_cli.reporting.matrices import load_run
+    from gain_cli.reporting.report import write_report
+    from gain_cli.reporting.tables import print_run
+
+    if fmt not in ("md", "latex", "csv"):
+        raise GainError(f"unknown --format '{fmt}' (valid: md, latex, csv)")
+    for rd in run_dirs:
+        print_run(load_run(rd), console)
+    if out is not None or len(run_dirs) > 1:
+        out = out or Path("report")
+        path = write_report(list(run_dirs), out, fmt)
+        console.print(f"report written to {path}", highlight=False)
+
+
+# --- data -----------------------------------------------------------------------------------
+
+@data_app.command("list", context_settings=OVERRIDES)
+@user_errors
+def data_list(overrides: Optional[list[str]] = typer.Argument(None, help="domains=NAME (default: the default recipe's)")) -> None:
+    """Show the domains of a config: sizes on disk and sources."""
+    import json
+
+    from gain_cli.config import DEFAULT_RECIPE
+
+    cfg = _compose(overrides or [], DEFAULT_RECIPE if not any(o.startswith("domains=") for o in overrides or []) else None)
+    root = Path(cfg.domains.root)
+    sources = {}
+    if (root / "sources.json").is_file():
+        sources = {s["domain"]: s for s in json.loads((root / "sources.json").read_text())}
+    table = Table(title=f"domains '{cfg.domains.name}' (source: {cfg.domains.source}) · {root}")
+    for col in ("#", "domain", "train", "validation", "source"):
+        table.add_column(col)
+    for i, d in enumerate(cfg.domains.sequence, 1):
+        sizes = []
+        for split in ("train", "validation"):
+            p = root / d / f"{split}.jsonl"
+            sizes.append(f"{p.stat().st_size / 1e3:,.0f} KB" if p.is_file() else "not built")
+        s = sources.get(d, {})
+        src = f"{s.get('registry', '')} {s.get('package', '')} {s.get('version', '')}".strip() or cfg.domains.source
+        table.add_row(str(i), d, *sizes, src)
+    console.print(table)
+    if any("not built" in c for c in []):
+        pass
+
+
+@data_app.command("build", context_settings=OVERRIDES)
+@user_errors
+def data_build(
+    name: str = typer.Argument(..., help="A domain set (configs/domains/NAME.yaml), e.g. tiny8 or demo8 (alias: demo)."),
+    overrides: Optional[list[str]] = typer.Argument(None),
+) -> None:
+    """Build (once) the local data of a domain set."""
+    from gain_cli.data.domains import ensure_domains
+
+    name = {"demo": "demo8", "tiny": "tiny8"}.get(name, name)
+    cfg = _compose([f"domains={name}", *(overrides or [])], None)
+    domains = ensure_domains(cfg.domains, cfg.cache_dir, log=console.print)
+    console.print(f"{len(domains)} domains ready in {cfg.domains.root}", highlight=False)
+
+
+# --- info -----------------------------------------------------------------------------------
+
+INFO_TOPICS = ("config", "params", "memory")
+
+
+@app.command(context_settings=OVERRIDES)
+@user_errors
+def info(args: Optional[list[str]] = typer.Argument(None, help="[config|params|memory] then key=value overrides")) -> None:
+    """Print the composed config (default), the trainable-parameter count, or a memory estimate."""
+    from gain_cli.config import DEFAULT_RECIPE, to_yaml
+
+    args = list(args or [])
+    topic = "config"
+    if args and "=" not in args[0]:
+        topic = args.pop(0)
+        if topic not in INFO_TOPICS:
+            raise GainError(f"unknown info topic '{topic}' (valid: {', '.join(INFO_TOPICS)})")
+    recipe_default = DEFAULT_RECIPE if topic == "config" else None
+    cfg = _compose(args, recipe_default)
+    if topic == "config":
+        console.print(to_yaml(cfg), highlight=False, markup=False)
+    elif topic == "params":
+        from omegaconf import OmegaConf
+
+        from gain_cli.methods.params import count_method_params
+
+        res = count_method_params(OmegaConf.to_container(cfg.model), OmegaConf.to_container(cfg.method))
+        console.print(f"model {cfg.model.name} · method {cfg.method.name}", highlight=False)
+        for k, v in res.items():
+            console.print(f"  {k}: {v:,}" if isinstance(v, int) else f"  {k}: {v}", highlight=False)
+    else:
+        from omegaconf import OmegaConf
+
+        from gain_cli.methods.params import memory_estimate
+
+        for k, v in memory_estimate(OmegaConf.to_container(cfg.model), OmegaConf.to_container(cfg.method),
+                                    OmegaConf.to_container(cfg.train)).items():
+            console.print(f"  {k}: {v}", highlight=False)
+
+
+def main() -> None:
+    if "--debug" in sys.argv:
+        _state["debug"] = True
+    app(prog_name="gain")
+
+
+if __name__ == "__main__":
+    main()

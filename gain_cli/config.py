@@ -1,0 +1,146 @@
+"""Hydra composition: `configs/` (groups model/ method/ domains/ train/ eval/) + `recipes/`.
+
+Both directories ship inside the installed package (hatch force-include) and are used
+from the source tree in an editable install. A recipe is a `# @package _global_` file
+whose defaults override the groups; the command line beats the recipe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from gain_cli.errors import GainError, unknown_choice
+
+GROUPS = ("model", "method", "domains", "train", "eval")
+DEFAULT_RECIPE = "smollm2_8domains"
+
+
+def _package_dir() -> Path:
+    return Path(__file__).resolve().parent
+
+
+def config_root() -> Path:
+    """Directory holding `configs/` and `recipes/` (package dir when installed, repo root when editable)."""
+    pkg = _package_dir()
+    for root in (pkg, pkg.parent):
+        if (root / "configs" / "config.yaml").is_file():
+            return root
+    raise GainError(f"gain's configs/ directory was not found next to {pkg}; reinstall the package")
+
+
+def configs_dir() -> Path:
+    return config_root() / "configs"
+
+
+def recipes_dir() -> Path:
+    return config_root() / "recipes"
+
+
+def _names(directory: Path) -> list[str]:
+    return sorted(p.stem for p in directory.glob("*.yaml")) if directory.is_dir() else []
+
+
+def group_choices(group: str) -> list[str]:
+    return _names(configs_dir() / group)
+
+
+def recipe_choices() -> list[str]:
+    return _names(recipes_dir())
+
+
+_OVERRIDE = re.compile(r"^(?P<prefix>[+~]{0,2})(?P<key>[A-Za-z_][\w.\-/@]*)(?:=(?P<value>.*))?$", re.S)
+
+
+def split_recipe(overrides: Sequence[str], default: str | None = DEFAULT_RECIPE) -> tuple[str | None, list[str]]:
+    """Pull `recipe=NAME` out of the override list."""
+    recipe, rest = default, []
+    for o in overrides:
+        if o.startswith("recipe="):
+            recipe = o.split("=", 1)[1] or None
+        else:
+            rest.append(o)
+    return recipe, rest
+
+
+def _check_overrides(overrides: Sequence[str]) -> None:
+    for o in overrides:
+        if o.startswith("-"):
+            raise GainError(f"unexpected option '{o}': configuration is set with key=value overrides (e.g. train.steps=10)")
+        m = _OVERRIDE.match(o)
+        if not m or m.group("value") is None and not m.group("prefix").startswith("~"):
+            raise GainError(f"malformed override '{o}': expected key=value (e.g. method=lora or train.lr=1e-4)")
+        key = m.group("key")
+        if key in GROUPS and m.group("value") is not None and "," not in m.group("value"):
+            value = m.group("value")
+            choices = group_choices(key)
+            if value not in choices:
+                raise unknown_choice(key, value, choices)
+
+
+def _friendly(exc: Exception, overrides: Sequence[str]) -> GainError:
+    msg = str(exc).strip()
+    m = re.search(r"Could not override '([^']+)'", msg)
+    if m:
+        key = m.group(1)
+        return GainError(f"unknown config key '{key}' (no such key in the composed config; use +{key}=VALUE to add a new key)")
+    m = re.search(r"Could not find '([^']+)'", msg)
+    if m:
+        group, _, value = m.group(1).rpartition("/")
+        return unknown_choice(group or "config", value, group_choices(group) if group else [])
+    first = msg.splitlines()[0] if msg else type(exc).__name__
+    cause = exc.__cause__
+    if cause is not None and str(cause).strip():
+        first += f": {str(cause).strip().splitlines()[0]}"
+    return GainError(f"invalid configuration: {first}")
+
+
+def _register_resolvers() -> None:
+    """``${gain_pkg:data/x.jsonl}``: a file shipped inside the gain_cli package."""
+    if not OmegaConf.has_resolver("gain_pkg"):
+        OmegaConf.register_new_resolver("gain_pkg", lambda rel: str(_package_dir() / rel))
+
+
+def compose_config(overrides: Sequence[str] = (), recipe: str | None = None) -> DictConfig:
+    """Compose the base config, the recipe (if any) and the overrides into one resolved config."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    overrides = list(overrides)
+    _check_overrides(overrides)
+    _register_resolvers()
+    if recipe is not None and recipe not in recipe_choices():
+        raise unknown_choice("recipe", recipe, recipe_choices())
+    hydra_overrides = [f"hydra.searchpath=[file://{config_root()}]"]
+    if recipe is not None:
+        hydra_overrides.append(f"+recipes={recipe}")
+    try:
+        with initialize_config_dir(str(configs_dir()), version_base="1.3"):
+            cfg = compose("config", overrides=hydra_overrides + overrides)
+        cfg.recipe = recipe
+        OmegaConf.resolve(cfg)
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise _friendly(exc, overrides) from exc
+    cfg.cache_dir = str(Path(os.path.expanduser(str(cfg.cache_dir))).resolve())
+    for key in ("root",):
+        if cfg.domains.get(key):
+            cfg.domains[key] = str(Path(os.path.expanduser(str(cfg.domains[key]))))
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def config_hash(cfg: DictConfig, exclude: Sequence[str] = ("run_dir", "run_name", "resume", "output_root")) -> str:
+    """Hash of what determines the results (not where they go)."""
+    c = OmegaConf.to_container(cfg, resolve=True)
+    for k in exclude:
+        c.pop(k, None)
+    return hashlib.sha256(OmegaConf.to_yaml(OmegaConf.create(c)).encode()).hexdigest()[:16]

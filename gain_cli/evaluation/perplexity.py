@@ -1,0 +1,67 @@
+"""Token-weighted validation perplexity on fixed packed blocks.
+
+PPL = exp( sum of next-token NLL over every predicted token of every block / number of predicted tokens ).
+Each block of B tokens predicts B-1 tokens. Under several processes each evaluates a strided shard
+of the blocks and the (NLL sum, token count) pairs are summed across processes, so the result
+equals the single-process one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PplResult:
+    nll_sum: float
+    tokens: int
+
+    @property
+    def loss(self) -> float:
+        return self.nll_sum / max(self.tokens, 1)
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.loss)
+
+
+def _model_device(model) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def block_nll(model, ids: torch.Tensor, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Per-token NLL, shape (batch, block-1), in fp32."""
+    device = ids.device
+    ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else torch.autocast(device.type, enabled=False)
+    with ctx:
+        logits = model(input_ids=ids).logits
+    logits = logits[:, :-1].float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none").view(ids.shape[0], -1)
+
+
+@torch.inference_mode()
+def evaluate_blocks(model, blocks: torch.Tensor, batch_size: int, accelerator=None,
+                    autocast_dtype: torch.dtype | None = None) -> PplResult:
+    was_training = model.training
+    model.eval()
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+    shard = blocks[rank::world]
+    device = _model_device(model)
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    for start in range(0, shard.shape[0], batch_size):
+        ids = shard[start:start + batch_size].to(device)
+        per_token = block_nll(model, ids, autocast_dtype)
+        nll += per_token.double().sum()
+        count += per_token.numel()
+    if world > 1:
+        nll, count = accelerator.reduce(nll, "sum"), accelerator.reduce(count, "sum")
+    model.train(was_training)
+    return PplResult(float(nll), int(count))

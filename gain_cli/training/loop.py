@@ -1,0 +1,122 @@
+"""One training stage in an Accelerate loop.
+
+AdamW over the method's trainable parameters (its own learning rate), warm-up then cosine /
+linear / constant schedule, gradient accumulation, gradient clipping, mixed precision via
+Accelerate, seeded data order. Data: packed training blocks of the stage's domain, shuffled
+with a generator seeded by (seed, stage) and sharded across processes batch by batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from gain_cli.errors import GainError
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+class NonFiniteLoss(GainError):
+    def __init__(self, stage: int, step: int, value: float):
+        super().__init__(f"stage {stage}: loss became {value} at step {step}; the stage was stopped "
+                         "(finished stages and their results are kept; lower the learning rate and resume)")
+        self.step = step
+
+
+@dataclass
+class StageStats:
+    steps: int
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    first_loss: float
+    final_loss: float
+    losses: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def stage_order(n_blocks: int, n_needed: int, seed: int, stage: int) -> torch.Tensor:
+    """Indices of the training blocks for one stage: reshuffled epochs until enough, deterministic."""
+    g = torch.Generator().manual_seed(1_000_003 * int(seed) + int(stage))
+    epochs = math.ceil(n_needed / n_blocks)
+    return torch.cat([torch.randperm(n_blocks, generator=g) for _ in range(epochs)])[:n_needed]
+
+
+def make_scheduler(optimizer, train_cfg, total_steps: int):
+    from transformers import get_scheduler
+
+    name = str(train_cfg.get("schedule", "cosine"))
+    if name not in SCHEDULES:
+        raise GainError(f"unknown train.schedule '{name}' (valid: {', '.join(SCHEDULES)})")
+    warmup = int(round(float(train_cfg.get("warmup_ratio", 0.0)) * total_steps))
+    return get_scheduler("constant_with_warmup" if name == "constant" else name, optimizer,
+                         num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def train_stage(model, method, blocks: torch.Tensor, train_cfg, *, seed: int, stage: int, accelerator,
+                progress=None, log=None) -> StageStats:
+    steps = int(train_cfg["steps"])
+    bs = int(train_cfg["batch_size"])
+    ga = int(train_cfg.get("grad_accum", 1))
+    world = accelerator.num_processes
+    per_step = bs * ga * world
+    order = stage_order(blocks.shape[0], steps * per_step, seed, stage)
+
+    groups = method.optimizer_groups(model)
+    if not any(p.numel() for g in groups for p in g["params"]):
+        raise GainError(f"method '{method.name}' has no trainable parameters on this model")
+    optimizer = torch.optim.AdamW(groups, foreach=True)
+    scheduler = make_scheduler(optimizer, train_cfg, steps)
+    model.train()
+    # The scheduler is stepped by hand once per optimiser step (Accelerate's wrapper would step it
+    # once per process).
+    pmodel, optimizer = accelerator.prepare(model, optimizer)
+    params = [p for g in groups for p in g["params"]]
+    max_norm = train_cfg.get("max_grad_norm")
+    log_every = max(1, int(train_cfg.get("log_every", 10)))
+
+    losses: list[float] = []
+    tokens = 0
+    t0 = time.perf_counter()
+    for step in range(steps):
+        step_loss = torch.zeros((), dtype=torch.float64)
+        for a in range(ga):
+            base = (step * ga + a) * bs * world + accelerator.process_index * bs
+            ids = blocks[order[base: base + bs]].to(accelerator.device)
+            with accelerator.accumulate(pmodel):
+                out = pmodel(input_ids=ids, labels=ids)
+                loss = out.loss
+                reg = method.regularization(model)
+                if reg is not None:
+                    loss = loss + reg
+                if not torch.isfinite(loss.detach()):
+                    raise NonFiniteLoss(stage, step + 1, float(loss.detach()))
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and max_norm:
+                    accelerator.clip_grad_norm_(params, float(max_norm))
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            step_loss += loss.detach().double().cpu() / ga
+            tokens += ids.numel() * world
+        if world > 1:
+            step_loss = accelerator.reduce(step_loss.to(accelerator.device), "mean").cpu()
+        losses.append(float(step_loss))
+        elapsed = time.perf_counter() - t0
+        if progress is not None:
+            progress(step + 1, steps, losses[-1], tokens / max(elapsed, 1e-9))
+        if log is not None and ((step + 1) % log_every == 0 or step + 1 == steps):
+            log({"stage": stage, "step": step + 1, "loss": round(losses[-1], 5),
+                 "lr": scheduler.get_last_lr()[0], "tokens": tokens, "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1)})
+    accelerator.unwrap_model(pmodel, keep_fp32_wrapper=False)  # undo the mixed-precision forward patch
+    accelerator.free_memory()  # drops the accelerator's references to this stage's objects
+    model.eval()
+    elapsed = time.perf_counter() - t0
+    return StageStats(steps=steps, tokens=tokens, seconds=round(elapsed, 3), tokens_per_s=round(tokens / max(elapsed, 1e-9), 1),
+                      first_loss=losses[0], final_loss=losses[-1], losses=[round(x, 6) for x in losses])
