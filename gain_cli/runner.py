@@ -230,9 +230,13 @@ class Experiment:
 
         cfg = self.cfg
         seed_everything(int(cfg.seed) * 1000 + k)  # adapter init / dropout of stage k depend only on (seed, k)
+        from gain_cli.methods.base import StageContext
+
         self.model = self.method.attach(self.model)
         n_trainable = self.method.count_trainable(self.model)
-        blocks = self.data.blocks(domain, "train", int(cfg.train.seq_len))
+        ctx = StageContext(stage=k, domain=domain, earlier=self.domains[: k - 1], data=self.data,
+                           train_cfg=cfg.train, seed=int(cfg.seed), accelerator=self.accelerator)
+        blocks = self.method.stage_blocks(ctx)
         log_path = self.run_dir / "train_log.jsonl"
 
         def log(rec: dict) -> None:
@@ -242,13 +246,15 @@ class Experiment:
 
         stats = train_stage(self.model, self.method, blocks, cfg.train, seed=int(cfg.seed), stage=k,
                             accelerator=self.accelerator, progress=progress_cb, log=log)
+        self.method.after_training(self.model, ctx)
         if self.is_main:
             atomic_save_safetensors(self.stage_dir(k) / STATE_FILE, self.method.state_dict(self.model),
                                     metadata={"method": self.method.name, "stage": str(k), "domain": domain})
         self.accelerator.wait_for_everyone()
         self.model = self.method.finish_stage(self.model)
         self.model.eval()
-        return {"domain": domain, "trainable_params": n_trainable, "train": stats.to_dict()}
+        return {"domain": domain, "trainable_params": n_trainable, "train": stats.to_dict(),
+                "method_info": self.method.stage_info()}
 
 
 def stage_dir(run_dir: Path, k: int) -> Path:

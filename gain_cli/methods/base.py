@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -30,6 +31,19 @@ from gain_cli.architectures import ArchSpec
 from gain_cli.errors import GainError, unknown_choice
 
 METHOD_KINDS: dict[str, type["Method"]] = {}
+
+
+@dataclass
+class StageContext:
+    """What a method may look at around one stage (hooks ``stage_blocks`` and ``after_training``)."""
+
+    stage: int  # 1-based
+    domain: str  # the stage's domain
+    earlier: list[str]  # domains of the stages before this one, in order
+    data: Any  # gain_cli.data.domains.DomainData: .blocks(name, split, block_len)
+    train_cfg: Mapping[str, Any]
+    seed: int
+    accelerator: Any
 
 
 def register(kind: str):
@@ -70,6 +84,18 @@ class Method(ABC):
     def regularization(self, model: nn.Module) -> torch.Tensor | None:
         """Extra loss term added to the LM loss (e.g. L2 pull of the gains toward 1)."""
         return None
+
+    # --- optional stage hooks -----------------------------------------------------------
+    def stage_blocks(self, ctx: StageContext) -> torch.Tensor:
+        """The packed training blocks of a stage (replay methods mix in earlier domains)."""
+        return ctx.data.blocks(ctx.domain, "train", int(ctx.train_cfg["seq_len"]))
+
+    def after_training(self, model: nn.Module, ctx: StageContext) -> None:
+        """Called after the stage's training, before ``state_dict`` (e.g. EWC's Fisher estimate)."""
+
+    def stage_info(self) -> dict[str, Any]:
+        """Extra facts about the last stage, stored in its metrics.json (e.g. replayed examples)."""
+        return {}
 
     # --- state --------------------------------------------------------------------
     @abstractmethod
