@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from gain_cli import faults
+
 
 def _fsync_dir(path: Path) -> None:
     try:
@@ -39,6 +41,7 @@ def atomic_write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -
         writer(tmp_path)
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
+        faults.point(f"write:{path.name}")
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
     except BaseException:

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from gain_cli import faults
 from gain_cli.config import config_hash, to_yaml
 from gain_cli.errors import GainError
 from gain_cli.io import atomic_save_safetensors, atomic_write_json, atomic_write_text, read_json
@@ -194,6 +195,7 @@ class Experiment:
         out: dict[str, Any] = {"row": row, "ppl": {}, "loss": {}, "eval_tokens": {}}
         t0 = time.perf_counter()
         for d in self.domains:
+            faults.point(f"eval.{row.split(':')[0]}.{d}")
             r = evaluate_blocks(model, self.eval_blocks[d], int(self.cfg.eval.batch_size), self.accelerator)
             out["ppl"][d], out["loss"][d], out["eval_tokens"][d] = r.ppl, r.loss, r.tokens
         out["eval_seconds"] = round(time.perf_counter() - t0, 3)
@@ -244,12 +246,16 @@ class Experiment:
                 with open(log_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(rec) + "\n")
 
+        from gain_cli.training.checkpoint import StageCheckpoints
+
+        ckpts = StageCheckpoints(self.stage_dir(k), cfg.train.get("checkpoint_every"), self.is_main)
         stats = train_stage(self.model, self.method, blocks, cfg.train, seed=int(cfg.seed), stage=k,
-                            accelerator=self.accelerator, progress=progress_cb, log=log)
+                            accelerator=self.accelerator, progress=progress_cb, log=log, checkpoints=ckpts)
         self.method.after_training(self.model, ctx)
         if self.is_main:
             atomic_save_safetensors(self.stage_dir(k) / STATE_FILE, self.method.state_dict(self.model),
                                     metadata={"method": self.method.name, "stage": str(k), "domain": domain})
+            ckpts.clear()
         self.accelerator.wait_for_everyone()
         self.model = self.method.finish_stage(self.model)
         self.model.eval()

@@ -59,7 +59,10 @@ def make_scheduler(optimizer, train_cfg, total_steps: int):
 
 
 def train_stage(model, method, blocks: torch.Tensor, train_cfg, *, seed: int, stage: int, accelerator,
-                progress=None, log=None) -> StageStats:
+                progress=None, log=None, checkpoints=None) -> StageStats:
+    """Train one stage; with ``checkpoints`` (StageCheckpoints) save every N steps and resume mid-stage."""
+    from gain_cli import faults
+
     steps = int(train_cfg["steps"])
     bs = int(train_cfg["batch_size"])
     ga = int(train_cfg.get("grad_accum", 1))
@@ -72,6 +75,14 @@ def train_stage(model, method, blocks: torch.Tensor, train_cfg, *, seed: int, st
         raise GainError(f"method '{method.name}' has no trainable parameters on this model")
     optimizer = torch.optim.AdamW(groups, foreach=True)
     scheduler = make_scheduler(optimizer, train_cfg, steps)
+    start, losses, tokens = 0, [], 0
+    saved = checkpoints.load() if checkpoints is not None else None
+    if saved is not None:  # continue mid-stage exactly where the checkpoint left off
+        method.load_state_dict(model, saved["method_state"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        checkpoints.restore_rng(saved)
+        start, losses, tokens = int(saved["step"]), list(saved["losses"]), int(saved["tokens"])
     model.train()
     # The scheduler is stepped by hand once per optimiser step (Accelerate's wrapper would step it
     # once per process).
@@ -80,10 +91,9 @@ def train_stage(model, method, blocks: torch.Tensor, train_cfg, *, seed: int, st
     max_norm = train_cfg.get("max_grad_norm")
     log_every = max(1, int(train_cfg.get("log_every", 10)))
 
-    losses: list[float] = []
-    tokens = 0
     t0 = time.perf_counter()
-    for step in range(steps):
+    tokens0 = tokens
+    for step in range(start, steps):
         step_loss = torch.zeros((), dtype=torch.float64)
         for a in range(ga):
             base = (step * ga + a) * bs * world + accelerator.process_index * bs
@@ -109,14 +119,20 @@ def train_stage(model, method, blocks: torch.Tensor, train_cfg, *, seed: int, st
             step_loss = accelerator.reduce(step_loss.to(accelerator.device), "mean").cpu()
         losses.append(float(step_loss))
         elapsed = time.perf_counter() - t0
+        rate = (tokens - tokens0) / max(elapsed, 1e-9)
         if progress is not None:
-            progress(step + 1, steps, losses[-1], tokens / max(elapsed, 1e-9))
+            progress(step + 1, steps, losses[-1], rate)
         if log is not None and ((step + 1) % log_every == 0 or step + 1 == steps):
             log({"stage": stage, "step": step + 1, "loss": round(losses[-1], 5),
-                 "lr": scheduler.get_last_lr()[0], "tokens": tokens, "tokens_per_s": round(tokens / max(elapsed, 1e-9), 1)})
+                 "lr": scheduler.get_last_lr()[0], "tokens": tokens, "tokens_per_s": round(rate, 1)})
+        if checkpoints is not None and checkpoints.due(step + 1, steps):
+            checkpoints.save(step + 1, method, model, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+                             scheduler, losses, tokens)
+        faults.point(f"stage{stage}.step{step + 1}")
     accelerator.unwrap_model(pmodel, keep_fp32_wrapper=False)  # undo the mixed-precision forward patch
     accelerator.free_memory()  # drops the accelerator's references to this stage's objects
     model.eval()
     elapsed = time.perf_counter() - t0
-    return StageStats(steps=steps, tokens=tokens, seconds=round(elapsed, 3), tokens_per_s=round(tokens / max(elapsed, 1e-9), 1),
+    rate = (tokens - tokens0) / max(elapsed, 1e-9)
+    return StageStats(steps=steps, tokens=tokens, seconds=round(elapsed, 3), tokens_per_s=round(rate, 1),
                       first_loss=losses[0], final_loss=losses[-1], losses=[round(x, 6) for x in losses])

@@ -1,0 +1,73 @@
+"""Mid-stage checkpoints: method state, optimiser, scheduler, RNG and data position.
+
+Every ``train.checkpoint_every`` steps a complete checkpoint is written into a fresh folder
+``stages/stage_K/ckpt-<step>/`` and only then the pointer ``stages/stage_K/checkpoint.json`` is
+replaced atomically; older folders are removed afterwards. A reader follows the pointer, so a
+kill at any moment leaves either the previous or the new checkpoint, never a half-written one.
+Loading uses safetensors for the method state and ``torch.load(weights_only=True)`` for the rest.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gain_cli import faults
+from gain_cli.io import atomic_save_safetensors, atomic_write_json, atomic_write_with, read_json
+
+
+class StageCheckpoints:
+    def __init__(self, stage_dir: Path, every: int | None, is_main: bool = True):
+        self.dir = Path(stage_dir)
+        self.every = int(every) if every else 0
+        self.is_main = is_main
+
+    @property
+    def pointer(self) -> Path:
+        return self.dir / "checkpoint.json"
+
+    def due(self, step: int, total: int) -> bool:
+        return self.every > 0 and step % self.every == 0 and step < total
+
+    def save(self, step: int, method, model, optimizer, scheduler, losses: list[float], tokens: int) -> None:
+        if not self.is_main:
+            return
+        folder = self.dir / f"ckpt-{step}"
+        atomic_save_safetensors(folder / "method_state.safetensors", method.state_dict(model))
+        trainer = {
+            "step": step, "losses": losses, "tokens": tokens,
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(), "python_rng": list(random.getstate()[1]),
+        }
+        atomic_write_with(folder / "trainer.pt", lambda p: torch.save(trainer, p))
+        faults.point(f"ckpt{step}.before_pointer")
+        atomic_write_json(self.pointer, {"step": step, "folder": folder.name})
+        for old in self.dir.glob("ckpt-*"):
+            if old.name != folder.name:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.pointer.is_file():
+            return None
+        from safetensors.torch import load_file
+
+        folder = self.dir / read_json(self.pointer)["folder"]
+        trainer = torch.load(folder / "trainer.pt", weights_only=True)
+        trainer["method_state"] = load_file(str(folder / "method_state.safetensors"))
+        return trainer
+
+    @staticmethod
+    def restore_rng(trainer: dict[str, Any]) -> None:
+        torch.set_rng_state(trainer["torch_rng"])
+        state = random.getstate()
+        random.setstate((state[0], tuple(trainer["python_rng"]), state[2]))
+
+    def clear(self) -> None:
+        if self.is_main:
+            self.pointer.unlink(missing_ok=True)
+            for old in self.dir.glob("ckpt-*"):
+                shutil.rmtree(old, ignore_errors=True)
