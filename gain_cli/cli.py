@@ -104,6 +104,18 @@ def _print_run(run_dir: Path) -> None:
     print_run(load_run(run_dir), console)
 
 
+@app.command(context_settings=OVERRIDES)
+@user_errors
+def demo(
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides applied to every run"),
+    methods: str = typer.Option("gain_ffn,lora", "--methods", help="Comma-separated methods to compare."),
+) -> None:
+    """The main job on the embedded default: SmolLM2-135M on 8 local domains, GAIN-FFN vs LoRA, then a report."""
+    from gain_cli.demo import run_demo
+
+    run_demo(console, [m.strip() for m in methods.split(",") if m.strip()], overrides or [])
+
+
 # --- eval -----------------------------------------------------------------------------------
 
 @app.command("eval", context_settings=OVERRIDES)

@@ -327,6 +327,8 @@ def run_experiment(cfg: DictConfig, console=None, on_event: Callable[[str, dict]
             atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
             atomic_write_json(run_dir / "run_info.json", run_info(cfg, acc, "running", started))
         done = finished_stages(run_dir)
+        if exp.is_main and len(done) < len(exp.domains):
+            exp.say(estimate_runtime(exp, len(exp.domains) - len(done), base_missing=not (run_dir / "base" / "metrics.json").is_file()))
         if done:
             exp.say(f"resuming {run_dir}: stages 1..{done[-1]} finished, rebuilding them from their saved states")
             exp.rebuild(done[-1])
@@ -357,6 +359,25 @@ def run_experiment(cfg: DictConfig, console=None, on_event: Callable[[str, dict]
             atomic_write_json(run_dir / "run_info.json", run_info(cfg, acc, "complete", started))
             _write_run_report(run_dir, exp)
     return run_dir
+
+
+def estimate_runtime(exp: Experiment, stages_left: int, base_missing: bool) -> str:
+    """A rough time estimate from one measured forward pass (printed before the work starts)."""
+    cfg = exp.cfg
+    blocks = next(iter(exp.eval_blocks.values()))[: int(cfg.eval.batch_size)].to(exp.accelerator.device)
+    with torch.inference_mode():
+        exp.model(input_ids=blocks[:1])  # warm-up
+        t0 = time.perf_counter()
+        exp.model(input_ids=blocks)
+        fwd_tps = blocks.numel() / max(time.perf_counter() - t0, 1e-9)
+    eval_tokens = sum(b.numel() for b in exp.eval_blocks.values())
+    sweeps = stages_left + (1 if base_missing else 0)
+    train_tokens = stages_left * int(cfg.train.steps) * int(cfg.train.batch_size) * int(cfg.train.get("grad_accum", 1)) \
+        * int(cfg.train.seq_len)
+    seconds = sweeps * eval_tokens / fwd_tps + train_tokens * 3.0 / fwd_tps
+    return (f"estimate: ~{seconds / 60:.1f} min for {stages_left} stage(s) and {sweeps} evaluation sweep(s) "
+            f"(forward measured at {fwd_tps:,.0f} tok/s; a training token assumed to cost 3 forward tokens; "
+            "lm-eval tasks not included)")
 
 
 def _write_run_report(run_dir: Path, exp: Experiment) -> None:

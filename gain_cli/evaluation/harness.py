@@ -1,0 +1,622 @@
+"""Downstream evaluation through lm-evaluation-harness (BoolQ and any other lm-eval task), on the model in memory.
+
+``run_harness`` runs ``lm_eval.simple_evaluate`` on the calling process with an ``HFLM`` built around the model
+object and an explicit tokenizer. BoolQ comes from one of two places:
+
+* a local BoolQ-format JSONL file (``boolq_path``, or the packaged 24-item ``gain_cli/data/boolq_tiny.jsonl`` when
+  ``boolq_path: builtin`` or when the hub is offline): a task YAML written into ``work_dir`` from
+  ``gain_cli/evaluation/tasks/boolq_local.yaml`` with lm-eval's stock BoolQ prompt, choices and metric;
+* lm-eval's stock ``boolq`` task (the SuperGLUE validation split from the hub) when online and no path is given.
+
+Either way the result is reported under the name ``boolq``. Other names in ``tasks`` go to lm-eval's default task
+index unchanged (building that index costs 5-9 s, once per process); a path to a task YAML file is
+loaded as is.
+
+``score_yes_no`` is a fast path for BoolQ-style yes/no items that gives the same per-item choices as lm-eval's
+log-likelihood comparison: one forward pass per batch of prompts when " yes" and " no" are single tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import json
+import logging
+import os
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gain_cli.errors import GainError
+
+log = logging.getLogger(__name__)
+
+BUILTIN_BOOLQ = Path(__file__).resolve().parents[1] / "data" / "boolq_tiny.jsonl"
+TASK_TEMPLATES = Path(__file__).resolve().parent / "tasks"
+BOOLQ_FIELDS = ("question", "passage", "label")
+BOOLQ_CHOICES = ("no", "yes")          # lm-eval's doc_to_choice for boolq; index = label
+TARGET_DELIMITER = " "                 # lm-eval's default target_delimiter
+BUILTIN_NAMES = ("builtin", "tiny")    # boolq_path values that select the packaged file
+
+HARNESS_DEFAULTS: dict[str, Any] = {
+    "enabled": True,
+    "tasks": ["boolq"],
+    "boolq_path": None,      # null: stock task online / packaged file offline; "builtin": packaged file; or a path
+    "limit": None,           # int: first N items per task; float in (0, 1): that fraction
+    "batch_size": 8,
+    "num_fewshot": 0,
+    "bootstrap_iters": 1000,  # only for bootstrapped stderrs (e.g. perplexity); acc has a closed form
+    "progress": False,        # lm-eval / datasets progress bars
+}
+
+# lm-eval messages that are expected every time a model object is passed in; not worth a warning per stage.
+_EXPECTED_LMEVAL_WARNINGS = (
+    "`pretrained` model kwarg is not of type `str`",
+    "Passed an already-initialized model through `pretrained`",
+    "HF model type is neither marked as CausalLM or Seq2SeqLM",
+    "from None to",  # "Overwriting default num_fewshot of X from None to N": the task had no default
+)
+
+
+# --------------------------------------------------------------------------------------------- BoolQ data
+
+
+def _label_value(raw: Any) -> bool | None:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, int) and raw in (0, 1):
+        return bool(raw)
+    if isinstance(raw, str) and raw.strip().lower() in ("true", "false", "yes", "no", "0", "1"):
+        return raw.strip().lower() in ("true", "yes", "1")
+    return None
+
+
+def load_boolq_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Read and check a BoolQ-format JSONL file: one object per line with ``question``, ``passage``, ``label``.
+
+    ``label`` may be a bool, 0/1 or "true"/"false"/"yes"/"no"; the original BoolQ release's ``answer`` is accepted
+    in its place. Blank lines are skipped. Returns ``{"question", "passage", "label" (bool), "idx"}`` dicts
+    (``idx`` from the file when it is an integer, else the item's position). Raises GainError naming the file, line and problem.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise GainError(f"BoolQ file '{p}' does not exist")
+    items: list[dict[str, Any]] = []
+    with p.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{p}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise GainError(f"{where}: not valid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise GainError(f"{where}: expected a JSON object with fields {', '.join(BOOLQ_FIELDS)}")
+            if "label" not in obj and "answer" in obj:
+                obj["label"] = obj["answer"]
+            for field in BOOLQ_FIELDS:
+                if field not in obj or obj[field] is None:
+                    raise GainError(f"{where}: missing field '{field}' (BoolQ lines need {', '.join(BOOLQ_FIELDS)})")
+            for field in ("question", "passage"):
+                if not isinstance(obj[field], str) or not obj[field].strip():
+                    raise GainError(f"{where}: field '{field}' must be a non-empty string")
+            label = _label_value(obj["label"])
+            if label is None:
+                raise GainError(f"{where}: field 'label' must be true/false (or 0/1), got {obj['label']!r}")
+            idx = obj.get("idx")
+            items.append({"question": obj["question"], "passage": obj["passage"], "label": label,
+                          "idx": idx if isinstance(idx, int) and not isinstance(idx, bool) else len(items)})
+    if not items:
+        raise GainError(f"BoolQ file '{p}' has no items")
+    return items
+
+
+def boolq_prompt(item: Mapping[str, Any]) -> str:
+    """lm-eval's BoolQ context: ``"{{passage}}\\nQuestion: {{question}}?\\nAnswer:"``."""
+    return f"{item['passage']}\nQuestion: {item['question']}?\nAnswer:"
+
+
+# --------------------------------------------------------------------------------------------- config
+
+
+def resolve_harness_cfg(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Defaults filled in and values checked (GainError on unknown keys or bad values)."""
+    raw = dict(cfg or {})
+    unknown = sorted(set(raw) - set(HARNESS_DEFAULTS))
+    if unknown:
+        raise GainError(f"unknown eval.harness key(s) {', '.join(unknown)} (valid: {', '.join(HARNESS_DEFAULTS)})")
+    out = {**HARNESS_DEFAULTS, **{k: v for k, v in raw.items()}}
+    tasks = out["tasks"]
+    if isinstance(tasks, str):
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    if tasks is None:
+        tasks = []
+    tasks = [str(t) for t in tasks]
+    if len(set(tasks)) != len(tasks):
+        raise GainError(f"eval.harness.tasks lists a task twice: {tasks}")
+    out["tasks"] = tasks
+    limit = out["limit"]
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0 or (
+                isinstance(limit, float) and limit >= 1 and not limit.is_integer()):
+            raise GainError(f"eval.harness.limit must be null, a positive integer or a fraction in (0, 1), got {limit!r}")
+        out["limit"] = int(limit) if float(limit) >= 1 else float(limit)
+    bs = out["batch_size"]
+    if isinstance(bs, bool) or not ((isinstance(bs, int) and bs >= 1) or (isinstance(bs, str) and bs.startswith("auto"))):
+        raise GainError(f"eval.harness.batch_size must be a positive integer or 'auto', got {bs!r}")
+    nf = out["num_fewshot"]
+    if nf is not None and (isinstance(nf, bool) or not isinstance(nf, int) or nf < 0):
+        raise GainError(f"eval.harness.num_fewshot must be null or an integer >= 0, got {nf!r}")
+    out["enabled"] = bool(out["enabled"])
+    out["progress"] = bool(out["progress"])
+    out["bootstrap_iters"] = int(out["bootstrap_iters"])
+    return out
+
+
+def hub_offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def boolq_source(cfg: Mapping[str, Any]) -> Path | None:
+    """The local BoolQ file to evaluate on, or None for lm-eval's stock (hub) task."""
+    path = cfg.get("boolq_path")
+    if path is not None and str(path).strip().lower() in BUILTIN_NAMES:
+        return BUILTIN_BOOLQ
+    if path:
+        p = Path(os.path.expanduser(str(path))).resolve()
+        if not p.is_file():
+            raise GainError(f"eval.harness.boolq_path '{path}' is not a file")
+        return p
+    if hub_offline():
+        return BUILTIN_BOOLQ
+    return None
+
+
+# --------------------------------------------------------------------------------------------- model plumbing
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode and no autograd inside; each submodule's own mode restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+@contextlib.contextmanager
+def _preserved_rng() -> Iterator[None]:
+    """lm-eval reseeds python/numpy/torch; keep the caller's random streams (training order, dropout) untouched."""
+    import numpy as np
+
+    py, npy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def _logits_of(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        return out[0]
+    raise TypeError(f"cannot find logits in model output of type {type(out).__name__}")
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    dev = getattr(model, "device", None)
+    if isinstance(dev, torch.device):
+        return dev
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _model_dtype(model: torch.nn.Module) -> torch.dtype:
+    dt = getattr(model, "dtype", None)
+    if isinstance(dt, torch.dtype):
+        return dt
+    try:
+        return next(model.parameters()).dtype
+    except StopIteration:
+        return torch.float32
+
+
+def _needs_attention_mask(model: torch.nn.Module) -> bool:
+    try:
+        param = inspect.signature(model.forward).parameters.get("attention_mask")
+    except (TypeError, ValueError):
+        return False
+    return param is not None and param.default is inspect.Parameter.empty
+
+
+class _Output:
+    __slots__ = ("logits",)
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits = logits
+
+
+class HarnessModelAdapter(torch.nn.Module):
+    """What HFLM needs of a model object, around any causal LM module.
+
+    Works for PreTrainedModel, PeftModel and modules that only quack like one (``.config``, a
+    ``forward(input_ids, attention_mask)`` returning logits or an object with ``.logits``). It also keeps HFLM's
+    ``tie_weights()`` call away from the real model (which could silently re-tie deliberately untied weights).
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = model
+        config = getattr(model, "config", None)
+        if config is None:
+            from transformers import PretrainedConfig
+
+            config = PretrainedConfig()
+        self.config = config
+        self.name_or_path = getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", "") or ""
+        self._mask_required = _needs_attention_mask(model)
+
+    @property
+    def device(self) -> torch.device:
+        return _model_device(self.inner)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _model_dtype(self.inner)
+
+    def tie_weights(self, *args: Any, **kwargs: Any) -> None:
+        """No-op: the model is evaluated exactly as it is."""
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> _Output:
+        if attention_mask is None and self._mask_required:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        return _Output(_logits_of(self.inner(input_ids=input_ids, **kwargs)))
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        if not hasattr(self.inner, "generate"):
+            raise GainError(f"{type(self.inner).__name__} cannot generate text; use log-likelihood tasks only")
+        return self.inner.generate(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------- lm-eval
+
+
+class _QuietFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not any(s in msg for s in _EXPECTED_LMEVAL_WARNINGS)
+
+
+_ENV_INFO: dict[str, Any] | None = None
+
+
+def _cached_env_info(storage: dict[str, Any]) -> None:
+    """lm-eval's add_env_info, computed once per process."""
+    global _ENV_INFO
+    if _ENV_INFO is None:
+        from lm_eval.loggers.utils import add_env_info
+
+        _ENV_INFO = {}
+        add_env_info(_ENV_INFO)
+    storage.update(_ENV_INFO)
+
+
+@contextlib.contextmanager
+def _quiet_lmeval(progress: bool) -> Iterator[None]:
+    """lm-eval logging at WARNING with its expected per-call warnings dropped; datasets' progress bars off.
+
+    Call after lm-eval's modules are imported: a logging filter only acts on the logger it is attached to.
+    """
+    import datasets
+
+    lm_logger = logging.getLogger("lm_eval")
+    old_level = lm_logger.level
+    lm_logger.setLevel(logging.WARNING)
+    flt = _QuietFilter()
+    emitters = [lg for name, lg in list(logging.Logger.manager.loggerDict.items())
+                if isinstance(lg, logging.Logger) and (name == "lm_eval" or name.startswith("lm_eval."))]
+    for lg in emitters:
+        lg.addFilter(flt)
+    bars_off = not progress and not datasets.are_progress_bars_disabled()
+    if bars_off:
+        datasets.disable_progress_bars()
+    import lm_eval.api.task as lm_task  # its request-building loop has an unconditional tqdm bar
+    import lm_eval.evaluator as lm_evaluator
+
+    old_tqdm, old_env_info = lm_task.tqdm, lm_evaluator.add_env_info
+    if not progress:
+        lm_task.tqdm = functools.partial(old_tqdm, disable=True)
+    # simple_evaluate collects torch's environment report (runs `pip list` and friends, ~0.5 s) on every call
+    lm_evaluator.add_env_info = _cached_env_info
+    try:
+        yield
+    finally:
+        lm_task.tqdm, lm_evaluator.add_env_info = old_tqdm, old_env_info
+        for lg in emitters:
+            lg.removeFilter(flt)
+        lm_logger.setLevel(old_level)
+        if bars_off:
+            datasets.enable_progress_bars()
+
+
+_DEFAULT_TASK_MANAGER: Any = None
+
+
+def _default_task_manager() -> Any:
+    """lm-eval's full task index (~14,700 tasks, 5-9 s to build on 2 cores): built once per process."""
+    global _DEFAULT_TASK_MANAGER
+    if _DEFAULT_TASK_MANAGER is None:
+        from lm_eval.tasks import TaskManager
+
+        _DEFAULT_TASK_MANAGER = TaskManager()
+    return _DEFAULT_TASK_MANAGER
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        path.write_text(text, encoding="utf-8")
+
+
+def write_boolq_task(source: Path, work_dir: Path) -> Path:
+    """Normalise ``source`` into ``work_dir/boolq.jsonl`` and write the local ``boolq`` task YAML next to it.
+
+    Returns the directory holding the YAML (to register with ``TaskManager(include_path=...)``).
+    """
+    import yaml
+
+    items = load_boolq_jsonl(source)
+    work_dir = Path(work_dir).resolve()
+    task_dir = work_dir / "tasks"
+    task_dir.mkdir(parents=True, exist_ok=True)
+    data_file = work_dir / "boolq.jsonl"
+    # unchanged content keeps its mtime, so datasets reuses its cache across stages
+    _write_if_changed(data_file, "".join(
+        json.dumps({"question": it["question"], "passage": it["passage"], "label": int(it["label"]), "idx": it["idx"]},
+                   ensure_ascii=False) + "\n" for it in items))
+    task = yaml.safe_load((TASK_TEMPLATES / "boolq_local.yaml").read_text(encoding="utf-8"))
+    task["dataset_kwargs"] = {"data_files": {"validation": str(data_file)},
+                              "cache_dir": str(work_dir / "hf_datasets_cache")}
+    _write_if_changed(task_dir / "boolq.yaml", f"# written by gain from {source}\n"
+                      + yaml.safe_dump(task, sort_keys=False, allow_unicode=True))
+    return task_dir
+
+
+class _HFLMFactory:
+    """Builds an HFLM subclass lazily (importing lm_eval's evaluator and HFLM costs ~0.6-1 s; paid only when the harness runs)."""
+
+    cls: Any = None
+
+    @classmethod
+    def get(cls) -> Any:
+        if cls.cls is None:
+            from lm_eval.models.huggingface import HFLM
+
+            class GainHFLM(HFLM):
+                """HFLM on a model object: no hub lookups for model info, optional progress bars."""
+
+                show_progress = False
+
+                def get_model_info(self) -> dict:
+                    return {"model_num_parameters": sum(p.numel() for p in self._model.parameters()),
+                            "model_dtype": str(_model_dtype(self._model))}
+
+                def loglikelihood(self, requests, disable_tqdm: bool = False):
+                    return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not self.show_progress)
+
+                def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+                    return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or not self.show_progress)
+
+                def generate_until(self, requests, disable_tqdm: bool = False):
+                    return super().generate_until(requests, disable_tqdm=disable_tqdm or not self.show_progress)
+
+            cls.cls = GainHFLM
+        return cls.cls
+
+
+def harness_results(model: torch.nn.Module, tokenizer: Any, cfg: Mapping[str, Any] | None, work_dir: str | Path,
+                    *, log_samples: bool = False) -> dict[str, Any] | None:
+    """Run lm-eval on the model in memory and return its full results dict (None if disabled or no tasks).
+
+    ``log_samples=True`` keeps lm-eval's per-item records under ``["samples"][task]``.
+    """
+    cfg = resolve_harness_cfg(cfg)
+    if not cfg["enabled"] or not cfg["tasks"]:
+        return None
+    from transformers import PreTrainedTokenizer, PreTrainedTokenizerFast
+
+    if not isinstance(tokenizer, (PreTrainedTokenizer, PreTrainedTokenizerFast)):  # what HFLM accepts
+        raise GainError(f"the harness needs a transformers tokenizer, got {type(tokenizer).__name__}")
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+
+    specs: list[str] = []
+    local_dir: Path | None = None
+    needs_index = False  # a task name (not a local YAML file) needs lm-eval's full task index
+    for name in cfg["tasks"]:
+        if name == "boolq":
+            source = boolq_source(cfg)
+            if source is not None:
+                if source == BUILTIN_BOOLQ and not cfg.get("boolq_path"):
+                    log.info("hub offline: BoolQ evaluated on the packaged 24-item set (%s)", BUILTIN_BOOLQ)
+                local_dir = write_boolq_task(source, work_dir)
+                specs.append(str(local_dir / "boolq.yaml"))
+                continue
+        path = Path(os.path.expanduser(name))
+        if path.suffix in (".yaml", ".yml") and path.is_file():
+            specs.append(str(path.resolve()))
+        else:
+            specs.append(name)
+            needs_index = True
+
+    from lm_eval.evaluator import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    lm_cls = _HFLMFactory.get()  # imports lm_eval.models.huggingface (and with it the evaluator's dependencies)
+    with _quiet_lmeval(cfg["progress"]):
+        if needs_index:
+            task_manager = _default_task_manager()
+        else:  # only local task files: skip indexing lm-eval's ~14,700 YAMLs
+            task_manager = TaskManager(include_path=str(local_dir) if local_dir else None, include_defaults=False)
+        with eval_mode(model), _preserved_rng():
+            lm = lm_cls(pretrained=HarnessModelAdapter(model), tokenizer=tokenizer, batch_size=cfg["batch_size"],
+                        max_batch_size=64)
+            lm.show_progress = cfg["progress"]
+            try:
+                results = simple_evaluate(
+                    model=lm,
+                    tasks=specs,
+                    num_fewshot=cfg["num_fewshot"],
+                    limit=cfg["limit"],
+                    task_manager=task_manager,
+                    bootstrap_iters=cfg["bootstrap_iters"],
+                    log_samples=log_samples,
+                )
+            except KeyError as exc:
+                if "not a registered task" not in str(exc):
+                    raise
+                raise GainError(f"eval.harness.tasks: {exc.args[0] if exc.args else exc}") from exc
+            except OSError as exc:  # datasets: ConnectionError / DatasetNotFoundError / missing files
+                hint = (" (the hub is offline: tasks other than a local boolq need their data in the HF datasets cache)"
+                        if hub_offline() else "")
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise GainError(f"eval.harness: lm-eval could not load a task's data: {first}{hint}") from exc
+            finally:
+                lm._model = None  # HFLM holds the model; let it go with the call
+    return results
+
+
+def summarize_results(results: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """``{task: {metric: value, ..., "n": items}}`` from lm-eval results (metrics of the unfiltered output by their
+    plain name, e.g. ``acc``/``acc_stderr``; other filters as ``metric,filter``)."""
+    out: dict[str, dict[str, float]] = {}
+    n_samples = results.get("n-samples", {})
+    for task, metrics in results.get("results", {}).items():
+        row: dict[str, float] = {}
+        for key, value in metrics.items():
+            if key in ("alias", "sample_len") or isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            metric, _, filt = key.partition(",")
+            row[metric if filt in ("", "none") else key] = float(value)
+        if task in n_samples:
+            row["n"] = int(n_samples[task].get("effective", n_samples[task].get("original", 0)))
+        out[task] = row
+    return out
+
+
+def run_harness(model: torch.nn.Module, tokenizer: Any, cfg: Mapping[str, Any] | None,
+                work_dir: str | Path) -> dict[str, dict[str, float]]:
+    """Evaluate the in-memory model on ``cfg["tasks"]`` with lm-eval; ``{task: {"acc", "acc_stderr", "n", ...}}``.
+
+    ``cfg`` is the eval config's ``harness`` block (see HARNESS_DEFAULTS); ``work_dir`` receives the local task YAML,
+    the normalised BoolQ file and its datasets cache. Returns {} when disabled. The model's train/eval modes, the
+    global random streams and the weights are as before.
+    """
+    results = harness_results(model, tokenizer, cfg, work_dir)
+    return {} if results is None else summarize_results(results)
+
+
+# --------------------------------------------------------------------------------------------- fast path
+
+
+def _max_length(model: torch.nn.Module, tokenizer: Any) -> int:
+    """lm-eval's HFLM context window (resolve_max_length): config n_positions / max_position_embeddings / n_ctx,
+    then tokenizer.model_max_length, then 2048."""
+    config = getattr(model, "config", None)
+    cfg = getattr(config, "text_config", None) or config
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(cfg, attr, None)
+        if value is not None:
+            return int(value)
+    mml = getattr(tokenizer, "model_max_length", None)
+    if mml is not None and mml != 1000000000000000019884624838656:
+        return int(mml)
+    return 2048
+
+
+def _forward_logprobs(model: torch.nn.Module, rows: list[list[int]], pad_id: int,
+                      dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Right-padded batch through the model; log-softmax over the vocabulary, [batch, len, vocab]."""
+    width = max(len(r) for r in rows)
+    device = _model_device(model)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    logits = _logits_of(model(input_ids=ids.to(device), attention_mask=mask.to(device)))
+    return torch.log_softmax(logits, dim=-1, dtype=dtype)
+
+
+def score_yes_no(model: torch.nn.Module, tokenizer: Any, items: Sequence[Mapping[str, Any]],
+                 batch_size: int = 8) -> list[int]:
+    """Per item 1 if lm-eval's BoolQ comparison picks "yes", else 0 (ties go to "no", like its argmax).
+
+    Scores ``prompt + " yes"`` vs ``prompt + " no"`` exactly as lm-eval's HFLM.loglikelihood does (same context
+    encoding, same left truncation, sum of continuation log-probs). Items whose two continuations are single tokens
+    need one forward pass per batch of prompts (the two next-token log-probs at the prompt's last position); any
+    others are scored as full context+continuation sequences.
+    """
+    if batch_size < 1:
+        raise GainError(f"batch_size must be >= 1, got {batch_size}")
+    max_len = _max_length(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    # lm-eval: the context is encoded with the tokenizer's default special tokens (unless it already starts with BOS)
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    bos_str = tokenizer.decode(bos) if bos is not None else None
+
+    def encode(text: str) -> list[int]:
+        if bos_str and text.startswith(bos_str):
+            return tokenizer.encode(text, add_special_tokens=False)
+        return tokenizer.encode(text)
+
+    fast: list[tuple[int, list[int], int, int]] = []           # (item, input window, " no" id, " yes" id)
+    slow: list[tuple[int, int, list[int], list[int]]] = []     # (item, choice, input window, continuation ids)
+    for i, item in enumerate(items):
+        prompt = boolq_prompt(item)
+        ctx = encode(prompt)
+        conts = [encode(prompt + TARGET_DELIMITER + choice)[len(ctx):] for choice in BOOLQ_CHOICES]
+        if any(len(c) == 0 for c in conts):
+            raise GainError(f"item {i}: the tokenizer gives an empty continuation for ' yes' or ' no'")
+        if all(len(c) == 1 for c in conts):
+            fast.append((i, ctx[-max_len:], conts[0][0], conts[1][0]))
+        else:
+            for choice, cont in enumerate(conts):
+                slow.append((i, choice, (ctx + cont)[-(max_len + 1):][:-1], cont))
+    scores = torch.zeros((len(items), 2), dtype=torch.float64)
+    with eval_mode(model):
+        for start in range(0, len(fast), batch_size):
+            chunk = fast[start:start + batch_size]
+            lp = _forward_logprobs(model, [c[1] for c in chunk], pad_id)
+            for row, (i, window, no_id, yes_id) in enumerate(chunk):
+                last = lp[row, len(window) - 1]
+                scores[i, 0] = float(last[no_id])
+                scores[i, 1] = float(last[yes_id])
+        for start in range(0, len(slow), batch_size):
+            chunk = slow[start:start + batch_size]
+            lp = _forward_logprobs(model, [c[2] for c in chunk], pad_id)
+            for row, (i, choice, window, cont) in enumerate(chunk):
+                pos = torch.arange(len(window) - len(cont), len(window))
+                scores[i, choice] = float(lp[row, pos, torch.tensor(cont)].sum())
+    return [1 if scores[i, 1] > scores[i, 0] else 0 for i in range(len(items))]
