@@ -267,20 +267,25 @@ def stage_dir(run_dir: Path, k: int) -> Path:
     return run_dir / "stages" / f"stage_{k}"
 
 
-def apply_saved_stages(model, method, run_dir: Path, upto: int, device="cpu"):
-    """Rebuild the model after stage ``upto``: attach, load the saved state, carry forward, per stage."""
+def apply_stage(model, method, run_dir: Path, k: int, device="cpu"):
+    """Apply stage k's saved state: attach, load, carry forward (merge)."""
     from safetensors.torch import load_file
 
+    path = stage_dir(run_dir, k) / STATE_FILE
+    if not path.is_file():
+        raise GainError(f"stage {k} has no saved state ({path} is missing)")
+    model = method.attach(model)
+    method.load_state_dict(model, load_file(str(path), device=str(device)))
+    return method.finish_stage(model).eval()
+
+
+def apply_saved_stages(model, method, run_dir: Path, upto: int, device="cpu"):
+    """Rebuild the model after stage ``upto`` from the base model and the saved stage states."""
     ks = list(range(1, upto + 1))
     if method.cumulative_state and ks:
         ks = ks[-1:]
     for k in ks:
-        path = stage_dir(run_dir, k) / STATE_FILE
-        if not path.is_file():
-            raise GainError(f"stage {k} has no saved state ({path} is missing)")
-        model = method.attach(model)
-        method.load_state_dict(model, load_file(str(path), device=str(device)))
-        model = method.finish_stage(model)
+        model = apply_stage(model, method, run_dir, k, device)
     return model.eval()
 
 
@@ -320,6 +325,9 @@ def run_experiment(cfg: DictConfig, console=None, on_event: Callable[[str, dict]
     acc = exp.accelerator
     emit = on_event or (lambda *_: None)
     with (run_lock(run_dir) if exp.is_main else _nullcontext()):
+        if exp.is_main:  # temp files of a killed writer: never read, removed under the lock
+            for stale in run_dir.rglob(".*.tmp"):
+                stale.unlink(missing_ok=True)
         started = None
         if (run_dir / "run_info.json").is_file():
             started = read_json(run_dir / "run_info.json").get("started")

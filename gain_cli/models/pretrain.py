@@ -77,5 +77,5 @@ def pretrained_tiny(model, tokenizer, model_cfg: Mapping[str, Any], cache_dir: s
         if v.data_ptr() not in seen:
             seen.add(v.data_ptr())
             unique[k] = v
-    atomic_save_safetensors(path, unique, metadata={"pretrain": json.dumps(pcfg), "final_loss": f"{float(loss):.4f}"})
+    atomic_save_safetensors(path, unique, metadata={"pretrain": json.dumps(pcfg), "final_loss": f"{float(loss.detach()):.4f}"})
     return model
