@@ -79,20 +79,33 @@ def _expand_model_path(overrides: list[str]) -> list[str]:
 
 @app.command(context_settings=OVERRIDES)
 @user_errors
-def run(overrides: Optional[list[str]] = typer.Argument(None, help="recipe=NAME and key=value overrides")) -> None:
+def run(
+    overrides: Optional[list[str]] = typer.Argument(None, help="recipe=NAME and key=value overrides"),
+    multirun: bool = typer.Option(False, "--multirun", "-m", help="Sweep: comma lists run every combination."),
+) -> None:
     """Run a sequential-domain experiment: base eval, then train + evaluate every domain per stage.
 
     Example: gain run recipe=tiny_8domains method=lora train.steps=20 run_name=try1
+    Sweep:   gain run -m recipe=tiny_8domains method=lora,gain_ffn method.lr=1e-4,1e-3
     """
     from gain_cli.config import DEFAULT_RECIPE
     from gain_cli.runner import run_experiment
 
-    cfg = _compose(overrides or [], DEFAULT_RECIPE)
-    console.print(f"recipe [bold]{cfg.recipe}[/bold] · model {cfg.model.name} · method {cfg.method.name} · "
-                  f"{len(cfg.domains.sequence)} domains · {cfg.train.steps} steps/stage", highlight=False)
-    run_dir = run_experiment(cfg, console)
-    _print_run(run_dir)
-    console.print(f"results: {run_dir}", highlight=False)
+    jobs = [("", list(overrides or []))]
+    if multirun:
+        from gain_cli.sweep import expand_sweep
+
+        jobs = expand_sweep(overrides or [])
+        console.print(f"multirun: {len(jobs)} run(s)", highlight=False)
+    for suffix, job in jobs:
+        cfg = _compose(job, DEFAULT_RECIPE)
+        if suffix and not cfg.get("run_dir"):
+            cfg.run_name = f"{cfg.run_name}-{suffix}" if cfg.get("run_name") else suffix
+        console.print(f"recipe [bold]{cfg.recipe}[/bold] · model {cfg.model.name} · method {cfg.method.name} · "
+                      f"{len(cfg.domains.sequence)} domains · {cfg.train.steps} steps/stage", highlight=False)
+        run_dir = run_experiment(cfg, console)
+        _print_run(run_dir)
+        console.print(f"results: {run_dir}", highlight=False)
 
 
 def _print_run(run_dir: Path) -> None:
@@ -202,26 +215,71 @@ def merge(
 
 # --- report ---------------------------------------------------------------------------------
 
+REPORT_KINDS = {
+    "pareto": "forgetting–adaptation points of many runs (a sweep) with the Pareto front (figure 2)",
+    "tokens": "per-token loss change on the other domains after one stage (figure 1)",
+    "interpolate": "loss from the base to the adapted weights, in-domain and cross-domain (figure 3)",
+    "combine": "two stages' weight changes scaled by α, β: loss grid (figure 4)",
+}
+
+
 @app.command()
 @user_errors
 def report(
-    run_dirs: list[Path] = typer.Argument(..., help="One or more run directories (same domain sequence)."),
+    args: list[str] = typer.Argument(..., help="[pareto|tokens|interpolate|combine] RUN_DIR..."),
     fmt: str = typer.Option("md", "--format", help="Table format: md, latex or csv."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write tables, figures and report.md here."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output directory."),
+    stage: int = typer.Option(1, "--stage", help="tokens / interpolate: the adapted stage."),
+    stages: str = typer.Option("1,2", "--stages", help="combine: two stages, e.g. 1,2."),
+    points: int = typer.Option(11, "--points", help="interpolate: number of α values in [0, 1]."),
+    max_blocks: Optional[int] = typer.Option(None, "--max-blocks", help="Validation blocks per domain (default: the run's)."),
 ) -> None:
-    """Print a run's matrices as tables; with --out (or several runs), write the comparison report."""
-    from gain_cli.reporting.matrices import load_run
-    from gain_cli.reporting.report import write_report
-    from gain_cli.reporting.tables import print_run
-
-    if fmt not in ("md", "latex", "csv"):
-        raise GainError(f"unknown --format '{fmt}' (valid: md, latex, csv)")
+    """Tables of a run's matrices; with --out or several runs, the comparison report (tables, heatmaps,
+    BoolQ curves, report.md). Sub-reports: pareto, tokens, interpolate, combine (the paper's figures)."""
+    kind = args[0] if args[0] in REPORT_KINDS else None
+    run_dirs = [Path(a) for a in (args[1:] if kind else args)]
+    if not run_dirs:
+        raise GainError(f"give at least one run directory after '{kind}'")
     for rd in run_dirs:
-        print_run(load_run(rd), console)
-    if out is not None or len(run_dirs) > 1:
-        out = out or Path("report")
-        path = write_report(list(run_dirs), out, fmt)
-        console.print(f"report written to {path}", highlight=False)
+        if not rd.is_dir():
+            raise GainError(f"run directory '{rd}' does not exist (report kinds: {', '.join(REPORT_KINDS)})")
+    if kind is None:
+        from gain_cli.reporting.matrices import load_run
+        from gain_cli.reporting.report import write_report
+        from gain_cli.reporting.tables import print_run
+
+        if fmt not in ("md", "latex", "csv"):
+            raise GainError(f"unknown --format '{fmt}' (valid: md, latex, csv)")
+        for rd in run_dirs:
+            print_run(load_run(rd), console)
+        if out is not None or len(run_dirs) > 1:
+            path = write_report(run_dirs, out or Path("report"), fmt)
+            console.print(f"report written to {path}", highlight=False)
+        return
+    out = out or Path("report")
+    if kind == "pareto":
+        from gain_cli.reporting.pareto import write_pareto
+
+        path = write_pareto(run_dirs, out)
+    elif kind == "tokens":
+        from gain_cli.analysis.token_shift import token_shift
+
+        path = token_shift(run_dirs, out, stage=stage, max_blocks=max_blocks)
+    elif kind == "interpolate":
+        from gain_cli.analysis.interpolation import interpolation
+
+        path = interpolation(run_dirs, out, stage=stage, points=points, max_blocks=max_blocks)
+    else:
+        from gain_cli.analysis.combination import combination
+
+        try:
+            a, b = (int(x) for x in stages.split(","))
+        except ValueError:
+            raise GainError(f"--stages takes two stage numbers like 1,2, not '{stages}'") from None
+        if len(run_dirs) != 1:
+            raise GainError("combine takes exactly one run directory")
+        path = combination(run_dirs[0], out, stages=(a, b), max_blocks=max_blocks)
+    console.print(f"{kind} written to {path}", highlight=False)
 
 
 # --- data -----------------------------------------------------------------------------------
