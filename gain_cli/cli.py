@@ -250,8 +250,13 @@ def report(
 
         if fmt not in ("md", "latex", "csv"):
             raise GainError(f"unknown --format '{fmt}' (valid: md, latex, csv)")
-        for rd in run_dirs:
-            print_run(load_run(rd), console)
+        loaded = [load_run(rd) for rd in run_dirs]
+        for r in loaded:
+            print_run(r, console)
+        if len(loaded) > 1:
+            from gain_cli.reporting.tables import print_metric_table
+
+            print_metric_table(loaded, console)
         if out is not None or len(run_dirs) > 1:
             path = write_report(run_dirs, out or Path("report"), fmt)
             console.print(f"report written to {path}", highlight=False)

@@ -1,0 +1,147 @@
+"""``write_report``: compare runs over one domain sequence; tables, figures and one ``report.md``.
+
+Output directory::
+
+    report.md                  tables (markdown), figures and sign conventions, relative links
+    metrics.json               every metric of every run + the sign conventions (always)
+    metrics.md | metrics.tex   summary + per-domain + harness tables in the chosen format
+    metrics.csv                (--format csv) the summary table; metrics_<metric>.csv the per-domain ones
+    figures/heatmap_<run>.png  PPL change vs base per stage and domain, one per run
+    figures/<task>_curve.png   per-stage accuracy of each harness task, one line per run
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+from gain_cli.errors import GainError
+from gain_cli.io import atomic_write_json, atomic_write_text
+from gain_cli.reporting import figures
+from gain_cli.reporting.matrices import RunResult, load_run
+from gain_cli.reporting.metrics import SIGN_CONVENTIONS, relative_change_matrix
+from gain_cli.reporting.tables import (DOMAIN_METRICS, domain_table, domain_table_title, harness_table,
+                                       harness_tasks, metric_table, run_labels, to_csv, to_latex, to_markdown)
+
+FORMATS = {"md": "md", "markdown": "md", "latex": "tex", "tex": "tex", "csv": "csv"}
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("_") or "run"
+
+
+def check_same_domains(runs: Sequence[RunResult]) -> None:
+    """GainError naming the first run whose domain sequence differs from the first run's."""
+    ref = runs[0]
+    for r in runs[1:]:
+        if r.domains != ref.domains:
+            raise GainError(f"runs differ in their domain sequence: {ref.path} has {ref.domains}, {r.path} has "
+                            f"{r.domains}; a report compares methods over the same sequence")
+
+
+def sign_conventions_md() -> str:
+    lines = ["## Sign conventions", "",
+             "P = validation perplexity, row 0 = base model, row k = after stage k (trained on domain k); "
+             "T = last finished stage; ln = natural log.", ""]
+    lines += [f"- **{k}**: {v}" for k, v in SIGN_CONVENTIONS.items()]
+    lines += ["", "Column arrows: ↓ lower is better, ↑ higher is better. Undefined values (e.g. no earlier domain "
+              "when T = 1) are shown as –. Full definitions: `gain_cli/reporting/metrics.py`.", ""]
+    return "\n".join(lines)
+
+
+def _tables(runs: Sequence[RunResult]):
+    """(title, key, table) for the summary, each per-domain metric and each harness task."""
+    out = [("Summary (methods as rows)", "summary", metric_table(runs))]
+    out += [(domain_table_title(k), k, domain_table(runs, k)) for k in DOMAIN_METRICS]
+    out += [(f"{t} accuracy per stage (%)", f"{_slug(t)}_per_stage", harness_table(runs, t))
+            for t in harness_tasks(runs)]
+    return out
+
+
+def write_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, fmt: str = "md") -> Path:
+    """Load the runs, write tables (``fmt``: md, latex or csv), metrics.json, figures and report.md; return report.md."""
+    if fmt not in FORMATS:
+        raise GainError(f"unknown report format '{fmt}' (valid: md, latex, csv)")
+    ext = FORMATS[fmt]
+    if not run_dirs:
+        raise GainError("no run directories given")
+    runs = [load_run(rd) for rd in run_dirs]
+    check_same_domains(runs)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = run_labels(runs)
+    tables = _tables(runs)
+
+    # metrics.json: always
+    atomic_write_json(out_dir / "metrics.json", {
+        "domains": runs[0].domains,
+        "sign_conventions": SIGN_CONVENTIONS,
+        "runs": [{"label": lab, "name": r.name, "path": str(r.path), "method": r.method, "model": r.model,
+                  "recipe": r.recipe, "status": r.status, "rows": r.rows, "metrics": r.metrics.to_dict()}
+                 for lab, r in zip(labels, runs)],
+    })
+
+    # tables in the chosen format
+    table_files: list[str] = []
+    if ext == "md":
+        text = "\n".join(f"## {title}\n\n{to_markdown(tab)}" for title, _, tab in tables)
+        atomic_write_text(out_dir / "metrics.md", "# Forgetting metrics\n\n" + text + "\n" + sign_conventions_md())
+        table_files.append("metrics.md")
+    elif ext == "tex":
+        conv = "\n".join(f"% {k}: {v}" for k, v in SIGN_CONVENTIONS.items())
+        text = "\n".join(to_latex(tab, caption=title, label=f"tab:{_slug(key)}") for title, key, tab in tables)
+        atomic_write_text(out_dir / "metrics.tex",
+                          "% Forgetting metrics (needs \\usepackage{booktabs}). Sign conventions:\n" + conv + "\n\n" + text)
+        table_files.append("metrics.tex")
+    else:
+        atomic_write_text(out_dir / "metrics.csv", to_csv(tables[0][2]))
+        table_files.append("metrics.csv")
+        for _, key, tab in tables[1:]:
+            atomic_write_text(out_dir / f"metrics_{key}.csv", to_csv(tab))
+            table_files.append(f"metrics_{key}.csv")
+
+    # figures
+    fig_dir = out_dir / "figures"
+    heatmaps: list[tuple[str, str]] = []
+    for lab, r in zip(labels, runs):
+        if r.stages_done == 0:
+            continue
+        rel = relative_change_matrix(r.ppl)[1:]
+        rows = [f"{k}: {r.domains[k - 1]}" for k in range(1, r.stages_done + 1)]
+        p = figures.relative_change_heatmap(rel, rows, r.domains, fig_dir / f"heatmap_{_slug(lab)}.png",
+                                            title=f"{lab}: PPL change vs base (%)",
+                                            outline=[(i, i) for i in range(r.stages_done)])
+        heatmaps.append((lab, p.relative_to(out_dir).as_posix()))
+    curves: list[tuple[str, str]] = []
+    n_rows = max(len(r.rows) for r in runs)
+    stage_labels = ["base", *(f"{k}: {runs[0].domains[k - 1]}" for k in range(1, n_rows))]
+    for task in harness_tasks(runs):
+        data = {lab: r.harness[task][: len(r.rows)] for lab, r in zip(labels, runs) if r.harness and task in r.harness}
+        p = figures.harness_curve(data, fig_dir / f"{_slug(task)}_curve.png", task=task, stage_labels=stage_labels)
+        curves.append((task, p.relative_to(out_dir).as_posix()))
+
+    # report.md
+    md = [f"# gain report: {', '.join(labels)}", "",
+          f"Generated {datetime.now().isoformat(timespec='seconds')}. Domain sequence (training order): "
+          + " → ".join(f"`{d}`" for d in runs[0].domains) + ".", "",
+          "| Run | Method | Model | Recipe | Stages | Status | Directory |", "|:---|:---|:---|:---|---:|:---|:---|"]
+    md += [f"| {lab} | {r.method} | {r.model} | {r.recipe} | {r.stages_done}/{len(r.domains)} | {r.status} | "
+           f"`{r.path}` |" for lab, r in zip(labels, runs)]
+    if any(not r.complete for r in runs):
+        md += ["", "Partial runs: their metrics use their last finished stage as the final one."]
+    md += ["", "Tables: " + ", ".join(f"[{f}]({f})" for f in table_files) + ", [metrics.json](metrics.json).", ""]
+    for title, _, tab in tables:
+        md += [f"## {title}", "", to_markdown(tab)]
+    if heatmaps:
+        md += ["## PPL change vs base (heatmaps)", "",
+               "Rows: after stage k (trained on the named domain); columns: evaluated domain; "
+               "blue = lower PPL than the base model (better), red = higher (worse); framed cells: each stage's own domain.", ""]
+        md += [f"### {lab}\n\n![{lab}: PPL change vs base]({rel})\n" for lab, rel in heatmaps]
+    if curves:
+        md += ["## Downstream accuracy per stage", ""]
+        md += [f"![{task} accuracy per stage]({rel})\n" for task, rel in curves]
+    md += [sign_conventions_md()]
+    return atomic_write_text(out_dir / "report.md", "\n".join(md))
