@@ -5,6 +5,20 @@ projection, FFN down projection, decoder layers or LoRA targets reads it here.
 Module paths are relative to one decoder layer. To add an architecture, add a row
 (keyed by the Hugging Face ``config.model_type``), or set the module names in the
 model config (``model.arch_overrides: {layers: ..., attn_out: ..., ffn_down: ...}``).
+
+Every row is checked against the real transformers module names by building a tiny model
+of that type (``tests/test_architectures.py``). Rows (transformers 5.x module names):
+
+  model_type               layers            attn_out            ffn_down            weights
+  gpt2                     transformer.h     attn.c_proj         mlp.c_proj          Conv1D (in, out)
+  llama qwen2 qwen3        model.layers      self_attn.o_proj    mlp.down_proj       nn.Linear (out, in)
+  mistral gemma gemma2
+  gemma3_text phi3
+  phi                      model.layers      self_attn.dense     mlp.fc2             nn.Linear
+  gpt_neox (Pythia)        gpt_neox.layers   attention.dense     mlp.dense_4h_to_h   nn.Linear
+
+``ia3_targets`` / ``ia3_feedforward`` are only needed where PEFT has no stock (IA)³ default
+(``peft.utils.constants.TRANSFORMERS_MODELS_TO_IA3_*``), e.g. phi3; empty means "PEFT's default".
 """
 
 from __future__ import annotations
@@ -24,6 +38,8 @@ class ArchSpec:
     attn_out: str  # attention output projection (input = concatenated heads)
     ffn_down: str  # FFN down projection (input = intermediate activations)
     lora_targets: tuple[str, ...] = field(default_factory=tuple)  # PEFT target_modules (suffixes)
+    ia3_targets: tuple[str, ...] = field(default_factory=tuple)  # empty: PEFT's stock (IA)3 targets
+    ia3_feedforward: tuple[str, ...] = field(default_factory=tuple)  # empty: PEFT's stock feedforward modules
     hidden_size_key: str = "hidden_size"
     intermediate_size_key: str = "intermediate_size"
     layers_key: str = "num_hidden_layers"
@@ -60,6 +76,9 @@ ARCHITECTURES: dict[str, ArchSpec] = {
         attn_out="self_attn.o_proj",
         ffn_down="mlp.down_proj",
         lora_targets=("qkv_proj", "o_proj"),
+        # PEFT ships no (IA)3 default for phi3; by analogy with llama: fused qkv (output side) + down_proj (input side)
+        ia3_targets=("qkv_proj", "down_proj"),
+        ia3_feedforward=("down_proj",),
     ),
     "phi": ArchSpec(
         "phi",
@@ -77,7 +96,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     ),
 }
 
-_OVERRIDABLE = ("layers", "attn_out", "ffn_down", "lora_targets")
+_OVERRIDABLE = ("layers", "attn_out", "ffn_down", "lora_targets", "ia3_targets", "ia3_feedforward")
+_TUPLES = ("lora_targets", "ia3_targets", "ia3_feedforward")
 
 
 def arch_for(model_type: str, overrides: dict[str, Any] | None = None) -> ArchSpec:
@@ -86,8 +106,10 @@ def arch_for(model_type: str, overrides: dict[str, Any] | None = None) -> ArchSp
     bad = sorted(set(overrides) - set(_OVERRIDABLE))
     if bad:
         raise GainError(f"unknown key(s) in model.arch_overrides: {', '.join(bad)} (valid: {', '.join(_OVERRIDABLE)})")
-    if "lora_targets" in overrides:
-        overrides["lora_targets"] = tuple(overrides["lora_targets"])
+    for key in _TUPLES:
+        if key in overrides:
+            v = overrides[key]
+            overrides[key] = (v,) if isinstance(v, str) else tuple(v)
     spec = ARCHITECTURES.get(model_type)
     if spec is None:
         missing = [k for k in ("layers", "attn_out", "ffn_down") if k not in overrides]
@@ -96,7 +118,8 @@ def arch_for(model_type: str, overrides: dict[str, Any] | None = None) -> ArchSp
                 f"architecture '{model_type}' is not in gain's table (known: {', '.join(sorted(ARCHITECTURES))}); "
                 "add a row to gain_cli/architectures.py or set model.arch_overrides with keys "
                 "layers, attn_out, ffn_down (module paths, e.g. layers=model.layers attn_out=self_attn.o_proj "
-                "ffn_down=mlp.down_proj)"
+                "ffn_down=mlp.down_proj; add lora_targets=[...] for LoRA/IMSM and ia3_targets/ia3_feedforward "
+                "for (IA)3 when PEFT has no default for it)"
             )
         return ArchSpec(model_type=model_type, **overrides)
     return replace(spec, **overrides) if overrides else spec

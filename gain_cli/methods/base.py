@@ -119,6 +119,14 @@ class Method(ABC):
     def count_trainable(self, model: nn.Module) -> int:
         return sum(p.numel() for _, p in self.trainable_parameters(model))
 
+    def param_summary(self, model: nn.Module) -> tuple[int, str]:
+        """(the method's own parameter count, a human formula for it) on an attached model.
+
+        Used by ``gain info params`` (``gain_cli.methods.params``); works on meta-device skeletons.
+        """
+        n = self.count_trainable(model)
+        return n, f"{n:,} trainable parameters"
+
 
 def freeze(model: nn.Module) -> None:
     for p in model.parameters():
@@ -139,3 +147,37 @@ def build_method(cfg: Mapping[str, Any], spec: ArchSpec) -> Method:
     if kind not in METHOD_KINDS:
         raise unknown_choice("method kind", kind, METHOD_KINDS)
     return METHOD_KINDS[kind](cfg, spec)
+
+
+def layer_of(name: str, spec: ArchSpec) -> tuple[int, str] | None:
+    """``(layer index, path inside the layer)`` of a module name like ``[prefix.]model.layers.3.self_attn.o_proj``."""
+    key = f"{spec.layers}."
+    pos = name.find(key)
+    if pos < 0 or (pos > 0 and name[pos - 1] != "."):
+        return None
+    idx, _, rest = name[pos + len(key):].partition(".")
+    return (int(idx), rest) if idx.isdigit() else None
+
+
+def per_layer_formula(spec: ArchSpec, entries: list[tuple[str, str, int]], prefix: str = "") -> str:
+    """A human count formula from ``(module name, term, count)`` entries, e.g.
+    ``36 layers × (1,280 (attn) + 5,120 (ffn)) = 230,400``; irregular layers are summed instead."""
+    total = sum(n for _, _, n in entries)
+    layers: dict[int, list[tuple[str, str, int]]] = {}
+    other: list[tuple[str, str, int]] = []
+    for name, term, n in entries:
+        where = layer_of(name, spec)
+        if where is None:
+            other.append((name, term, n))
+        else:
+            layers.setdefault(where[0], []).append((where[1], term, n))
+    rows = [layers[k] for k in sorted(layers)]
+    parts = []
+    if rows and all(r == rows[0] for r in rows):
+        terms = [f"{term} ({path})" for path, term, _ in rows[0]]
+        inner = terms[0] if len(terms) == 1 else "(" + " + ".join(terms) + ")"
+        parts.append(f"{len(rows)} layers × {prefix}{inner}")
+    elif rows:
+        parts.append(f"Σ over {len(rows)} layers ({sum(n for r in rows for *_, n in r):,})")
+    parts += [f"{term} ({name})" for name, term, _ in other]
+    return (" + ".join(parts) or "0") + f" = {total:,}"

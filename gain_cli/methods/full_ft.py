@@ -45,3 +45,7 @@ class FullFT(Method):
 
     def merge(self, model: nn.Module) -> nn.Module:
         return model
+
+    def param_summary(self, model: nn.Module) -> tuple[int, str]:
+        n = self.count_trainable(model) or sum(p.numel() for p in model.parameters())
+        return n, f"every weight of the model (tied weights counted once) = {n:,}"

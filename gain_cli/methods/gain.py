@@ -5,36 +5,56 @@ For a projection y = W x + b (``nn.Linear``, weight of shape (out, in)) GAIN lea
 GPT-2's ``Conv1D`` stores the weight transposed (in, out) with y = x W + b; there the same
 maths is ``diag(s) · W``: row i of the stored weight is scaled by s_i. Either way the
 adapted layer computes ``base(s ⊙ x)``, which is how the wrapper below runs during training;
-``merge`` folds s into the weight so the adapted model has zero inference overhead.
+``merge`` folds s into the weight so the adapted model has zero inference overhead. The bias is
+left alone. This is exactly PEFT's (IA)³ with the same modules listed as *feedforward* modules
+(tested in ``tests/test_methods.py``).
 
 GAIN-attn targets the attention output projection (input = concatenated heads);
 GAIN-FFN targets it and the FFN down projection (input = intermediate activations).
 Because W·diag(s) only re-weights the columns of W, every output of a merged layer lies in
 the column space of the pretrained W (the paper's Proposition 1, "output space preservation").
 
+Precision: s is an fp32 parameter even when the model is bf16/fp16. The forward multiplies the
+activation by s in fp32 (then casts back to the activation dtype), and the merge computes
+``W.float() * s`` and casts once. Carrying across stages (``carry``):
+
+  merge    fold s into the weights after every stage (the plain "merge per stage" scheme)
+  product  keep the pretrained weights untouched and keep an fp32 running product
+           s_1 ⊙ s_2 ⊙ … of the finished stages' gains in the wrapper (a buffer); the next
+           stage trains a fresh s on top; ``merge`` folds the whole product once, in fp32.
+           For a 16-bit model this avoids one rounding of W per stage.
+  auto     (default) product when a target weight is not fp32, else merge.
+
+Both give the same function (up to rounding); the saved stage state is the stage's own s either way.
+
 Config (``configs/method/gain_*.yaml``):
-  modules: [attn] | [ffn] | [attn, ffn] | explicit module paths relative to a decoder layer
-  parametrization: plain (s) | exp (s = exp(log_s), log_s initialised to 0)
-  l2: strength of the pull sum((s - 1)^2) toward 1 (0 = off)
+  modules: attn | ffn | both | a list of attn, ffn and/or module paths relative to a decoder layer
+           (e.g. [self_attn.o_proj, mlp.up_proj])
+  parametrization: plain (s trained directly) | exp (s = exp(log_s), log_s initialised to 0)
+  l2: strength λ of the pull λ·Σ(s − 1)² toward 1 (0 = off); applied to the stage's own s
+  carry: auto | merge | product (see above)
   lr, weight_decay: the method's own optimiser settings
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from gain_cli.architectures import decoder_layers, get_submodule
-from gain_cli.errors import GainError
+from gain_cli.errors import GainError, unknown_choice
 from gain_cli.methods.base import Method, check_state_keys, freeze, register
 
 PARAMETRIZATIONS = ("plain", "exp")
+CARRY_MODES = ("auto", "merge", "product")
 
 
-def _in_features(module: nn.Module) -> int:
+def in_features(module: nn.Module) -> int:
+    """Number of input channels of a projection (the length of its gain vector)."""
     if isinstance(module, Conv1D):
         return module.weight.shape[0]
     if isinstance(module, nn.Linear):
@@ -42,59 +62,115 @@ def _in_features(module: nn.Module) -> int:
     raise GainError(f"GAIN supports nn.Linear and GPT-2 Conv1D projections, not {type(module).__name__}")
 
 
+def scale_input_channels(weight: torch.Tensor, s: torch.Tensor, conv1d: bool) -> torch.Tensor:
+    """``W · diag(s)`` for an ``nn.Linear`` weight (out, in); ``diag(s) · W`` for a Conv1D weight (in, out). fp32."""
+    s = s.float()
+    return weight.float() * (s[:, None] if conv1d else s[None, :])
+
+
 class GainWrapper(nn.Module):
-    """``base(s ⊙ x)`` with s kept in fp32 (trained in fp32 even for bf16 models)."""
+    """``base(s ⊙ x)`` with s kept in fp32 (trained in fp32 even for bf16 models).
+
+    ``gain`` is the stage's trainable vector (s itself, or log s with ``exp``); ``carried`` (fp32
+    buffer, or None) is the product of the gains of earlier stages not yet folded into the weight.
+    """
 
     def __init__(self, base: nn.Module, parametrization: str = "plain"):
         super().__init__()
         self.base = base
         self.parametrization = parametrization
-        n = _in_features(base)
-        dev = base.weight.device
-        init = torch.zeros(n, device=dev) if parametrization == "exp" else torch.ones(n, device=dev)
-        self.gain = nn.Parameter(init.float())
+        n = in_features(base)
+        self.gain = nn.Parameter(self._init(n, base.weight.device))
+        self.register_buffer("carried", None, persistent=False)
+        self.stage_open = True  # False between finish_stage (carry=product) and the next attach
+
+    def _init(self, n: int, device) -> torch.Tensor:
+        if self.parametrization == "exp":
+            return torch.zeros(n, device=device, dtype=torch.float32)
+        return torch.ones(n, device=device, dtype=torch.float32)
+
+    @property
+    def is_conv1d(self) -> bool:
+        return isinstance(self.base, Conv1D)
 
     def scale(self) -> torch.Tensor:
+        """The stage's own s (fp32)."""
         return torch.exp(self.gain) if self.parametrization == "exp" else self.gain
 
+    def total_scale(self) -> torch.Tensor:
+        """s of this stage times the carried product of earlier stages (fp32)."""
+        s = self.scale()
+        return s if self.carried is None else s * self.carried
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x * self.scale().to(x.dtype))
+        return self.base((x.float() * self.total_scale()).to(x.dtype))
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """carry=product: move the stage's s into the fp32 running product; reset s."""
+        self.carried = self.total_scale().detach().clone()
+        self.gain.copy_(self._init(self.gain.numel(), self.gain.device))
+        self.gain.requires_grad_(False)
+        self.stage_open = False
 
     @torch.no_grad()
     def merged_base(self) -> nn.Module:
-        """Fold s into the weight in fp32 and return the plain projection."""
+        """Fold s (and the carried product) into the weight in fp32 and return the plain projection."""
         w = self.base.weight
-        s = self.scale().float()
-        if isinstance(self.base, Conv1D):  # stored (in, out): scale rows
-            new = w.float() * s[:, None]
-        else:  # nn.Linear, stored (out, in): scale columns
-            new = w.float() * s[None, :]
-        w.copy_(new.to(w.dtype))
+        w.copy_(scale_input_channels(w, self.total_scale(), self.is_conv1d).to(w.dtype))
         return self.base
+
+
+def module_paths(modules: Any, spec) -> list[str]:
+    """Resolve ``method.modules`` (attn | ffn | both | list of those and module paths) to paths in a decoder layer."""
+    if modules is None:
+        modules = ["attn", "ffn"]
+    if isinstance(modules, str):
+        modules = [modules]
+    alias = {"attn": [spec.attn_out], "ffn": [spec.ffn_down], "both": [spec.attn_out, spec.ffn_down]}
+    out: list[str] = []
+    for m in modules:
+        for p in alias.get(str(m), [str(m)]):
+            if p not in out:
+                out.append(p)
+    if not out:
+        raise GainError("method.modules is empty (use attn, ffn, both or module paths relative to a decoder layer)")
+    return out
+
+
+def module_label(path: str, spec) -> str:
+    return {spec.attn_out: "attn", spec.ffn_down: "ffn"}.get(path, path)
 
 
 @register("gain")
 class Gain(Method):
-    def _module_paths(self) -> list[str]:
-        mods = self.cfg.get("modules") or ["attn", "ffn"]
-        alias = {"attn": self.spec.attn_out, "ffn": self.spec.ffn_down}
-        return [alias.get(m, m) for m in mods]
-
-    def _parametrization(self) -> str:
+    def __init__(self, cfg: Mapping[str, Any], spec):
+        super().__init__(cfg, spec)
         p = self.cfg.get("parametrization", "plain")
         if p not in PARAMETRIZATIONS:
-            raise GainError(f"unknown method.parametrization '{p}' (valid: {', '.join(PARAMETRIZATIONS)})")
-        return p
+            raise unknown_choice("method.parametrization", p, PARAMETRIZATIONS)
+        c = str(self.cfg.get("carry", "auto"))
+        if c not in CARRY_MODES:
+            raise unknown_choice("method.carry", c, CARRY_MODES)
+        self.parametrization, self.carry = p, c
+        try:
+            self.l2 = float(self.cfg.get("l2", 0.0) or 0.0)
+        except (TypeError, ValueError):
+            raise GainError(f"method.l2 must be a number, got {self.cfg.get('l2')!r}") from None
 
-    def _targets(self, model: nn.Module):
-        """(parameter-name prefix, layer, attribute-owner, attribute-name) for every target."""
+    def _module_paths(self) -> list[str]:
+        return module_paths(self.cfg.get("modules"), self.spec)
+
+    def _targets(self, model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+        """(parameter-name prefix, attribute owner, attribute name) for every target, in layer order."""
         out = []
         for i, layer in enumerate(decoder_layers(model, self.spec)):
             for path in self._module_paths():
                 owner_path, _, attr = path.rpartition(".")
                 owner = get_submodule(layer, owner_path) if owner_path else layer
-                if not hasattr(owner, attr):
-                    raise GainError(f"GAIN target '{path}' not found in decoder layer {i} of {type(model).__name__}")
+                if not isinstance(getattr(owner, attr, None), nn.Module):
+                    raise GainError(f"GAIN target '{path}' not found in decoder layer {i} of {type(model).__name__} "
+                                    "(method.modules takes attn, ffn, both or module paths relative to a decoder layer)")
                 out.append((f"{self.spec.layers}.{i}.{path}", owner, attr))
         return out
 
@@ -104,19 +180,24 @@ class Gain(Method):
 
     def attach(self, model: nn.Module) -> nn.Module:
         freeze(model)
-        param = self._parametrization()
         for _, owner, attr in self._targets(model):
             mod = getattr(owner, attr)
             if isinstance(mod, GainWrapper):
-                raise GainError("GAIN is already attached to this model")
-            setattr(owner, attr, GainWrapper(mod, param))
+                if mod.stage_open:
+                    raise GainError("GAIN is already attached to this model (finish_stage or merge first)")
+                if mod.parametrization != self.parametrization:
+                    raise GainError(f"GAIN wrapper uses parametrization '{mod.parametrization}', "
+                                    f"this method '{self.parametrization}'")
+                mod.gain.requires_grad_(True)
+                mod.stage_open = True
+            else:
+                setattr(owner, attr, GainWrapper(mod, self.parametrization))
         return model
 
     def regularization(self, model: nn.Module) -> torch.Tensor | None:
-        lam = float(self.cfg.get("l2", 0.0) or 0.0)
-        if lam == 0.0:
+        if self.l2 == 0.0:
             return None
-        return lam * sum(((w.scale() - 1.0) ** 2).sum() for w in self.wrappers(model).values())
+        return self.l2 * sum(((w.scale() - 1.0) ** 2).sum() for w in self.wrappers(model).values())
 
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         return {f"{name}.gain": w.gain.detach().float().cpu().clone() for name, w in self.wrappers(model).items()}
@@ -126,7 +207,24 @@ class Gain(Method):
         check_state_keys(self, {f"{n}.gain" for n in wrappers}, state)
         with torch.no_grad():
             for name, w in wrappers.items():
-                w.gain.copy_(state[f"{name}.gain"].to(w.gain.device, torch.float32))
+                t = state[f"{name}.gain"]
+                if tuple(t.shape) != tuple(w.gain.shape):
+                    raise GainError(f"saved {self.name} state: {name}.gain has shape {tuple(t.shape)}, "
+                                    f"the model needs {tuple(w.gain.shape)}")
+                w.gain.copy_(t.to(w.gain.device, torch.float32))
+
+    def carry_mode(self, model: nn.Module) -> str:
+        if self.carry != "auto":
+            return self.carry
+        wrappers = self.wrappers(model).values()
+        return "product" if any(w.base.weight.dtype != torch.float32 for w in wrappers) else "merge"
+
+    def finish_stage(self, model: nn.Module) -> nn.Module:
+        if self.carry_mode(model) == "merge":
+            return self.merge(model)
+        for w in self.wrappers(model).values():
+            w.fold()
+        return model
 
     def merge(self, model: nn.Module) -> nn.Module:
         for _, owner, attr in self._targets(model):
@@ -134,3 +232,20 @@ class Gain(Method):
             if isinstance(mod, GainWrapper):
                 setattr(owner, attr, mod.merged_base())
         return model
+
+    def param_summary(self, model: nn.Module) -> tuple[int, str]:
+        per_layer: list[list[int]] = []
+        for i, layer in enumerate(decoder_layers(model, self.spec)):
+            row = []
+            for path in self._module_paths():
+                mod = get_submodule(layer, path)
+                row.append(mod.gain.numel() if isinstance(mod, GainWrapper) else in_features(mod))
+            per_layer.append(row)
+        total = sum(map(sum, per_layer))
+        labels = [module_label(p, self.spec) for p in self._module_paths()]
+        n = len(per_layer)
+        if n and all(r == per_layer[0] for r in per_layer):
+            terms = [f"{v:,} ({lab})" for v, lab in zip(per_layer[0], labels)]
+            inner = terms[0] if len(terms) == 1 else "(" + " + ".join(terms) + ")"
+            return total, f"{n} layers × {inner} = {total:,}"
+        return total, f"Σ over {n} layers of the input sizes of {', '.join(labels)} = {total:,}"

@@ -1,0 +1,98 @@
+"""(IA)³ through PEFT with its stock defaults: a fresh set of vectors per stage, merged after the stage.
+
+(IA)³ (Liu et al. 2022, "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than
+In-Context Learning") learns vectors initialised to ones: for *feedforward* modules the vector
+scales the layer input (W·diag(l), like GAIN), for the other targets it scales the output
+(diag(l)·W, bias included). Targets default to PEFT's table for the architecture
+(``peft.utils.constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING`` and
+``..._FEEDFORWARD_MODULES_MAPPING``; e.g. llama: k_proj, v_proj, down_proj with down_proj
+feedforward; gpt2: c_attn, mlp.c_proj with mlp.c_proj feedforward). Where PEFT has no default
+(phi3) the architecture table's ``ia3_targets`` / ``ia3_feedforward`` are used.
+
+Config (``configs/method/ia3.yaml``): lr, target_modules (null = defaults), feedforward_modules
+(null = the default feedforward modules that are among the targets).
+Merge: PEFT's ``merge_and_unload`` (weights multiplied by the fp32 vectors, cast back once).
+State: ``get_peft_model_state_dict`` / ``set_peft_model_state_dict``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from gain_cli.errors import GainError
+from gain_cli.methods.base import Method, register
+from gain_cli.methods.lora import adapter_formula, load_peft_state, peft_state
+
+
+def default_ia3_modules(spec) -> tuple[list[str], list[str]]:
+    """(targets, feedforward modules): PEFT's stock defaults for ``spec.model_type``, else the table's."""
+    from peft.utils.constants import (
+        TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FF,
+        TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS,
+    )
+
+    if spec.ia3_targets:
+        return list(spec.ia3_targets), list(spec.ia3_feedforward)
+    if spec.model_type in TARGETS:
+        return list(TARGETS[spec.model_type]), list(FF.get(spec.model_type, []))
+    raise GainError(f"PEFT has no default (IA)3 modules for architecture '{spec.model_type}': set "
+                    "method.target_modules and method.feedforward_modules, or model.arch_overrides.ia3_targets "
+                    "and model.arch_overrides.ia3_feedforward")
+
+
+def _as_list(v: Any) -> list[str] | None:
+    if v is None:
+        return None
+    return [v] if isinstance(v, str) else [str(x) for x in v]
+
+
+def ia3_config(cfg: Mapping[str, Any], spec):
+    """A PEFT ``IA3Config`` from a method config (``target_modules``, ``feedforward_modules``)."""
+    from peft import IA3Config
+
+    targets = _as_list(cfg.get("target_modules"))
+    ff = _as_list(cfg.get("feedforward_modules"))
+    if targets is None:
+        targets, default_ff = default_ia3_modules(spec)
+        if ff is None:
+            ff = default_ff
+    elif ff is None:
+        try:
+            _, default_ff = default_ia3_modules(spec)
+        except GainError:
+            default_ff = []
+        ff = [t for t in targets if t in default_ff]
+    bad = [f for f in ff if f not in targets]
+    if bad:
+        raise GainError(f"method.feedforward_modules must be a subset of method.target_modules (not in it: {bad})")
+    return IA3Config(target_modules=list(targets), feedforward_modules=list(ff),
+                     fan_in_fan_out=spec.model_type == "gpt2", task_type="CAUSAL_LM")
+
+
+@register("ia3")
+class IA3(Method):
+    def peft_config(self):
+        return ia3_config(self.cfg, self.spec)
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        from peft import get_peft_model
+
+        return get_peft_model(model, self.peft_config())
+
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return peft_state(model)
+
+    def load_state_dict(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+        load_peft_state(self, model, state)
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        if hasattr(model, "merge_and_unload"):
+            return model.merge_and_unload()
+        return model
+
+    def param_summary(self, model: nn.Module) -> tuple[int, str]:
+        return adapter_formula(model, self.spec)
