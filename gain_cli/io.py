@@ -6,6 +6,7 @@ A reader never sees a half-written file: either the old content or the new one.
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import os
@@ -44,6 +45,14 @@ def atomic_write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -
         faults.point(f"write:{path.name}")
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
+    except OSError as exc:
+        tmp_path.unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            from gain_cli.errors import GainError
+
+            raise GainError(f"no space left on the device while writing {path}; the previous version of the file "
+                            "is intact: free some space and resume") from exc
+        raise
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise

@@ -104,6 +104,7 @@ def train_stage(model, method, blocks: torch.Tensor, train_cfg, *, seed: int, st
                 reg = method.regularization(model)
                 if reg is not None:
                     loss = loss + reg
+                loss = faults.poison_loss(f"stage{stage}.step{step + 1}", loss)
                 if not torch.isfinite(loss.detach()):
                     raise NonFiniteLoss(stage, step + 1, float(loss.detach()))
                 accelerator.backward(loss)
