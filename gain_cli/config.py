@@ -127,11 +127,43 @@ def compose_config(overrides: Sequence[str] = (), recipe: str | None = None) -> 
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as exc:
         raise _friendly(exc, overrides) from exc
+    validate_config(cfg)
     cfg.cache_dir = str(Path(os.path.expanduser(str(cfg.cache_dir))).resolve())
     for key in ("root",):
         if cfg.domains.get(key):
             cfg.domains[key] = str(Path(os.path.expanduser(str(cfg.domains[key]))))
     return cfg
+
+
+# Types of the values that every run reads; checked right after composition so that a typo such as
+# train.steps=1O is reported as one line instead of a crash deep inside training.
+_INT, _NUM, _BOOL = "an integer", "a number", "true or false"
+SCHEMA: dict[str, tuple[str, bool]] = {  # key -> (kind, may be null)
+    "seed": (_INT, False), "resume": (_BOOL, False),
+    "train.steps": (_INT, False), "train.batch_size": (_INT, False), "train.grad_accum": (_INT, False),
+    "train.seq_len": (_INT, False), "train.warmup_ratio": (_NUM, False), "train.max_grad_norm": (_NUM, True),
+    "train.log_every": (_INT, False), "train.threads": (_INT, True), "train.checkpoint_every": (_INT, True),
+    "eval.block_size": (_INT, False), "eval.max_blocks": (_INT, True), "eval.batch_size": (_INT, False),
+    "method.lr": (_NUM, False), "method.weight_decay": (_NUM, True),
+}
+_POSITIVE = {"train.steps", "train.batch_size", "train.grad_accum", "train.seq_len", "eval.block_size",
+             "eval.batch_size"}
+
+
+def validate_config(cfg: DictConfig) -> None:
+    for key, (kind, nullable) in SCHEMA.items():
+        value = OmegaConf.select(cfg, key, default="__absent__")
+        if value == "__absent__" or (value is None and nullable):
+            continue
+        ok = {
+            _INT: isinstance(value, int) and not isinstance(value, bool),
+            _NUM: isinstance(value, (int, float)) and not isinstance(value, bool),
+            _BOOL: isinstance(value, bool),
+        }[kind]
+        if not ok:
+            raise GainError(f"{key} must be {kind}, got {value!r}")
+        if key in _POSITIVE and value < 1:
+            raise GainError(f"{key} must be at least 1, got {value}")
 
 
 def to_yaml(cfg: DictConfig) -> str:

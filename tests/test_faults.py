@@ -80,3 +80,150 @@ def test_second_run_on_a_locked_dir_refuses(tmp_path):
     res = runner.invoke(app, ["run", *BASE, "train.steps=2", f"run_dir={rd}"])
     assert res.exit_code == 0, res.output
     assert not (rd / ".lock").exists()
+
+
+# --- bad input: one line, exit code 2, nothing half-written ----------------------------------
+
+def _one_line_error(res, needle):
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    errors = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], res.output
+
+
+@pytest.mark.parametrize("group", ["model", "method", "domains", "train", "eval"])
+def test_unknown_name_in_any_group_lists_choices(group):
+    from gain_cli.config import group_choices
+
+    res = runner.invoke(app, ["run", "recipe=tiny_8domains", f"{group}=no_such_thing"])
+    _one_line_error(res, f"unknown {group} 'no_such_thing' (valid: ")
+    for choice in group_choices(group):
+        assert choice in res.output
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.steps=ten", "train.steps must be an integer, got 'ten'"),
+    ("method.lr=fast", "method.lr must be a number, got 'fast'"),
+    ("eval.batch_size=0", "eval.batch_size must be at least 1"),
+    ("resume=maybe", "resume must be true or false"),
+])
+def test_type_errors_in_overrides(override, needle, tmp_path):
+    res = runner.invoke(app, ["run", "recipe=tiny_8domains", override, f"run_dir={tmp_path / 'r'}"])
+    _one_line_error(res, needle)
+    assert not (tmp_path / "r").exists()
+
+
+def _files_domain(root: Path, name: str, train: str, validation: str):
+    (root / name).mkdir(parents=True)
+    (root / name / "train.jsonl").write_text(train)
+    (root / name / "validation.jsonl").write_text(validation)
+
+
+@pytest.mark.parametrize("validation, needle", [
+    ("", "has 0 tokens; at least 64 are needed"),
+    (json.dumps({"text": "tiny"}) + "\n", "has 5 tokens; at least 64 are needed"),
+])
+def test_empty_or_too_small_domain_files(validation, needle, tmp_path):
+    root = tmp_path / "data"
+    _files_domain(root, "mine", json.dumps({"text": "x" * 5000}) + "\n", validation)
+    res = runner.invoke(app, ["run", "recipe=tiny_8domains", "domains.source=files", f"domains.root={root}",
+                              "domains.sequence=[mine]", f"run_dir={tmp_path / 'r'}"])
+    _one_line_error(res, needle)
+    assert "domain 'mine' (validation split)" in res.output
+
+
+def test_missing_data_file_names_it(tmp_path):
+    res = runner.invoke(app, ["run", "recipe=tiny_8domains", "domains.source=files", f"domains.root={tmp_path}",
+                              "domains.sequence=[ghost]", f"run_dir={tmp_path / 'r'}"])
+    _one_line_error(res, f"missing data file {tmp_path / 'ghost' / 'train.jsonl'}")
+
+
+def test_unknown_tiny_domain(tmp_path):
+    res = runner.invoke(app, ["run", "recipe=tiny_8domains", "domains.sequence=[dna,poetry]", f"run_dir={tmp_path}/r"])
+    _one_line_error(res, "unknown domain 'poetry' (valid: ")
+
+
+def test_tokenizer_model_mismatch(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    model_dir = tmp_path / "model"
+    LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=1, vocab_size=100)).save_pretrained(model_dir)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([f"word{i} token{i} piece{i}" for i in range(400)],
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "</s>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>")
+    fast.save_pretrained(model_dir)
+    res = runner.invoke(app, ["eval", f"model={model_dir}", "domains=tiny8"])
+    _one_line_error(res, f"tokenizer/model mismatch at {model_dir}: tokenizer has {len(fast)} tokens but the model's "
+                         "embedding has 100 rows")
+
+
+def test_unknown_architecture_says_how_to_add_it(tmp_path):
+    from transformers import BloomConfig, BloomForCausalLM
+
+    model_dir = tmp_path / "bloom"
+    BloomForCausalLM(BloomConfig(hidden_size=16, n_layer=1, n_head=2, vocab_size=300)).save_pretrained(model_dir)
+    res = runner.invoke(app, ["run", "recipe=tiny_8domains", f"model={model_dir}", "model.tokenizer=bytes",
+                              f"run_dir={tmp_path / 'r'}"])
+    _one_line_error(res, "architecture 'bloom' is not in gain's table")
+    assert "model.arch_overrides" in res.output
+
+
+def test_nan_loss_stops_the_stage_and_keeps_earlier_results(tmp_path):
+    rd = tmp_path / "nan"
+    args = ["run", *BASE, "method=gain_ffn", f"run_dir={rd}"]
+    res = _gain(args, {"GAIN_FAULT_NAN_AT": "stage2.step3"})
+    assert res.returncode == 2, res.stderr
+    assert "stage 2: loss became nan at step 3" in res.stderr and "Traceback" not in res.stderr
+    assert len(_values(rd)) == 2  # base + stage 1 kept
+    assert (rd / "stages" / "stage_1" / "method_state.safetensors").is_file()
+    assert not (rd / "stages" / "stage_2" / "metrics.json").exists()
+    res = _gain([*args, "resume=true"])  # the cause gone, the run resumes
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert len(_values(rd)) == 3
+
+
+def test_out_of_disk_while_writing_leaves_no_corrupt_file(tmp_path, monkeypatch):
+    import errno
+
+    from gain_cli.errors import GainError
+    from gain_cli.io import atomic_write_json
+
+    target = tmp_path / "ppl_matrix.json"
+    atomic_write_json(target, {"ok": 1})
+
+    def full_disk(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(GainError, match="no space left on the device while writing"):
+        atomic_write_json(target, {"ok": 2})
+    assert json.loads(target.read_text()) == {"ok": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ppl_matrix.json"]
+
+
+def test_boolq_file_with_missing_field_names_the_line(tmp_path):
+    bad = tmp_path / "boolq.jsonl"
+    good = {"question": "is it", "passage": "it is", "label": True, "idx": 0}
+    bad.write_text(json.dumps(good) + "\n" + json.dumps({"question": "q", "label": False, "idx": 1}) + "\n")
+    res = runner.invoke(app, ["run", *BASE, f"eval.harness.boolq_path={bad}", "eval.harness.enabled=true",
+                              f"run_dir={tmp_path / 'r'}"])
+    assert res.exit_code == 2, res.output
+    assert f"{bad}:2" in res.output and "passage" in res.output
+
+
+def test_weights_load_safely():
+    import inspect
+
+    from gain_cli.models import loading
+    from gain_cli.training import checkpoint
+
+    assert "use_safetensors=True" in inspect.getsource(loading.load_model)
+    assert "weights_only=True" in inspect.getsource(checkpoint.StageCheckpoints.load)
+    from gain_cli.config import compose_config
+
+    for recipe in ("tiny_8domains",):
+        assert compose_config([], recipe).model.trust_remote_code is False
