@@ -101,11 +101,26 @@ def run(
         cfg = _compose(job, DEFAULT_RECIPE)
         if suffix and not cfg.get("run_dir"):
             cfg.run_name = f"{cfg.run_name}-{suffix}" if cfg.get("run_name") else suffix
-        console.print(f"recipe [bold]{cfg.recipe}[/bold] · model {cfg.model.name} · method {cfg.method.name} · "
-                      f"{len(cfg.domains.sequence)} domains · {cfg.train.steps} steps/stage", highlight=False)
+        from gain_cli.launcher import maybe_relaunch
+
+        rc = maybe_relaunch(cfg, [*(["--debug"] if _state["debug"] else []), "run", *job], console)
+        if rc is not None:  # ran in launched processes
+            if rc:
+                raise typer.Exit(rc)
+            continue
+        main = os.environ.get("RANK", "0") == "0"  # under accelerate launch / torchrun: print once
+        if main:
+            from gain_cli.memory import summary_line
+
+            console.print(f"recipe [bold]{cfg.recipe}[/bold] · model {cfg.model.name} · method {cfg.method.name} · "
+                          f"{len(cfg.domains.sequence)} domains · {cfg.train.steps} steps/stage", highlight=False)
+            line = summary_line(cfg)
+            if line:
+                console.print(line, highlight=False, markup=False)
         run_dir = run_experiment(cfg, console)
-        _print_run(run_dir)
-        console.print(f"results: {run_dir}", highlight=False)
+        if main:
+            _print_run(run_dir)
+            console.print(f"results: {run_dir}", highlight=False)
 
 
 def _print_run(run_dir: Path) -> None:
@@ -364,13 +379,10 @@ def info(args: Optional[list[str]] = typer.Argument(None, help="[config|params|m
         for k, v in res.items():
             console.print(f"  {k}: {v:,}" if isinstance(v, int) else f"  {k}: {v}", highlight=False)
     else:
-        from omegaconf import OmegaConf
+        from gain_cli.memory import estimate_for_config, format_estimate
 
-        from gain_cli.methods.params import memory_estimate
-
-        for k, v in memory_estimate(OmegaConf.to_container(cfg.model), OmegaConf.to_container(cfg.method),
-                                    OmegaConf.to_container(cfg.train)).items():
-            console.print(f"  {k}: {v}", highlight=False)
+        for line in format_estimate(estimate_for_config(cfg)):
+            console.print(line, highlight=False, markup=False)
 
 
 def main() -> None:

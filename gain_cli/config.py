@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from gain_cli.errors import GainError, unknown_choice
 
-GROUPS = ("model", "method", "domains", "train", "eval")
+GROUPS = ("model", "method", "domains", "train", "eval", "launcher")
 DEFAULT_RECIPE = "smollm2_8domains"
 
 
@@ -170,7 +170,7 @@ def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg)
 
 
-def config_hash(cfg: DictConfig, exclude: Sequence[str] = ("run_dir", "run_name", "resume", "output_root")) -> str:
+def config_hash(cfg: DictConfig, exclude: Sequence[str] = ("run_dir", "run_name", "resume", "output_root", "launcher")) -> str:
     """Hash of what determines the results (not where they go)."""
     c = OmegaConf.to_container(cfg, resolve=True)
     for k in exclude:

@@ -159,25 +159,28 @@ def write_matrices(run_dir: Path, domains: list[str]) -> None:
 class Experiment:
     """Holds what every stage shares: config, accelerator, tokenizer, data, method."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, console=None):
+    def __init__(self, cfg: DictConfig, run_dir: Path, console=None, accelerator=None):
         from gain_cli.data.domains import DomainData, ensure_domains
         from gain_cli.methods import build_method
         from gain_cli.models.loading import load_model, model_spec
         from gain_cli.training.accelerator import make_accelerator
 
         self.cfg, self.run_dir, self.console = cfg, run_dir, console
-        self.accelerator = make_accelerator(cfg)
+        self.accelerator = accelerator if accelerator is not None else make_accelerator(cfg)
         if cfg.train.get("threads"):
             torch.set_num_threads(int(cfg.train.threads))
-        self.model, self.tokenizer = load_model(cfg.model, cfg.cache_dir)
-        self.spec = model_spec(cfg.model, self.model.config.model_type)
-        self.method = build_method(cfg.method, self.spec)
-        domains = ensure_domains(cfg.domains, cfg.cache_dir, log=self.say)
-        self.domains = [d.name for d in domains]
-        self.data = DomainData(domains, self.tokenizer, cfg.cache_dir)
-        self.model.to(self.accelerator.device)
-        self.eval_blocks = {d: self.data.blocks(d, "validation", int(cfg.eval.block_size), cfg.eval.get("max_blocks"))
-                            for d in self.domains}
+        # caches (pretrained tiny model, converted checkpoints, built data, token streams) are filled
+        # once per machine by its first process; the others then read them
+        with self.accelerator.local_main_process_first():
+            self.model, self.tokenizer = load_model(cfg.model, cfg.cache_dir)
+            self.spec = model_spec(cfg.model, self.model.config.model_type)
+            self.method = build_method(cfg.method, self.spec)
+            domains = ensure_domains(cfg.domains, cfg.cache_dir, log=self.say)
+            self.domains = [d.name for d in domains]
+            self.data = DomainData(domains, self.tokenizer, cfg.cache_dir)
+            self.model.to(self.accelerator.device)
+            self.eval_blocks = {d: self.data.blocks(d, "validation", int(cfg.eval.block_size), cfg.eval.get("max_blocks"))
+                                for d in self.domains}
 
     @property
     def is_main(self) -> bool:
@@ -314,15 +317,51 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
         raise GainError(f"resume=true but {run_dir} holds no run (no config.yaml)")
 
 
+def on_main_shared(acc, fn: Callable[[], Any]) -> Any:
+    """``fn()`` evaluated on the main process and given to every process (a GainError is raised everywhere)."""
+    box: list[Any] = [None]
+    if acc.is_main_process:
+        try:
+            box[0] = ("ok", fn())
+        except GainError as exc:
+            box[0] = ("error", str(exc))
+    if acc.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(box, from_process=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise GainError(value)
+    return value
+
+
+def check_same_processes(cfg: DictConfig, run_dir: Path, num_processes: int) -> None:
+    """A resumed run keeps its number of processes (the global batch depends on it)."""
+    info = run_dir / "run_info.json"
+    if cfg.get("resume") and info.is_file():
+        before = int(read_json(info).get("num_processes", 1))
+        if before != num_processes:
+            raise GainError(f"run {run_dir} was started with {before} process(es) and is resumed with {num_processes}; "
+                            "resume it with the same number (one step's batch is batch_size × grad_accum × processes)")
+
+
 def run_experiment(cfg: DictConfig, console=None, on_event: Callable[[str, dict], None] | None = None) -> Path:
     """Run (or resume) the experiment described by cfg; return the run directory."""
     from gain_cli.training.progress import StageProgress
 
-    run_dir = resolve_run_dir(cfg)
-    prepare_run_dir(cfg, run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    exp = Experiment(cfg, run_dir, console)
-    acc = exp.accelerator
+    from gain_cli.training.accelerator import make_accelerator
+
+    acc = make_accelerator(cfg)
+
+    def choose_run_dir() -> Path:
+        rd = resolve_run_dir(cfg)
+        prepare_run_dir(cfg, rd)
+        check_same_processes(cfg, rd, acc.num_processes)
+        rd.mkdir(parents=True, exist_ok=True)
+        return rd
+
+    run_dir = on_main_shared(acc, choose_run_dir)  # one directory for all processes (the default is a timestamp)
+    exp = Experiment(cfg, run_dir, console, accelerator=acc)
     emit = on_event or (lambda *_: None)
     with (run_lock(run_dir) if exp.is_main else _nullcontext()):
         if exp.is_main:  # temp files of a killed writer: never read, removed under the lock
@@ -334,13 +373,14 @@ def run_experiment(cfg: DictConfig, console=None, on_event: Callable[[str, dict]
         if exp.is_main:
             atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
             atomic_write_json(run_dir / "run_info.json", run_info(cfg, acc, "running", started))
-        done = finished_stages(run_dir)
+        # decided by the main process (other machines may not see the run directory)
+        done, base_done = on_main_shared(acc, lambda: (finished_stages(run_dir), (run_dir / "base" / "metrics.json").is_file()))
         if exp.is_main and len(done) < len(exp.domains):
-            exp.say(estimate_runtime(exp, len(exp.domains) - len(done), base_missing=not (run_dir / "base" / "metrics.json").is_file()))
+            exp.say(estimate_runtime(exp, len(exp.domains) - len(done), base_missing=not base_done))
         if done:
             exp.say(f"resuming {run_dir}: stages 1..{done[-1]} finished, rebuilding them from their saved states")
             exp.rebuild(done[-1])
-        if not (run_dir / "base" / "metrics.json").is_file():
+        if not base_done:
             exp.say("evaluating the base model on every domain (row 0)")
             row = exp.evaluate("base")
             if exp.is_main:

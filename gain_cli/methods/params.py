@@ -104,11 +104,3 @@ def count_method_params(model_cfg: Mapping[str, Any], method_cfg: Mapping[str, A
     if note:
         out["note"] = note
     return out
-
-
-def memory_estimate(model_cfg: Mapping[str, Any], method_cfg: Mapping[str, Any], train_cfg: Mapping[str, Any],
-                    **kw: Any) -> dict[str, Any]:
-    """Forwarded to ``gain_cli.memory.memory_estimate`` (where the memory model lives)."""
-    from gain_cli.memory import memory_estimate as estimate
-
-    return estimate(model_cfg, method_cfg, train_cfg, **kw)

@@ -7,6 +7,17 @@ import os
 from gain_cli.errors import GainError
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
+SHARDED_UNSUPPORTED = (
+    "sharded training (FSDP / DeepSpeed ZeRO-3) is not supported by gain's stage loop yet: saving the method's "
+    "state, merging it into the weights and the per-process evaluation assume every process holds the whole "
+    "model; use data parallel (launcher.accelerate_config=ddp or null) — see docs/scale.md"
+)
+
+
+def sharded_requested(acc=None) -> bool:
+    """True when the launch asks for FSDP or DeepSpeed (on CPU Accelerate silently falls back to DDP)."""
+    env = any(os.environ.get(v, "").lower() in ("1", "true") for v in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+    return env or (acc is not None and str(getattr(acc, "distributed_type", "")).split(".")[-1] in ("FSDP", "DEEPSPEED"))
 
 
 def make_accelerator(cfg):
@@ -21,7 +32,10 @@ def make_accelerator(cfg):
     if acc.num_processes != world:
         raise GainError(
             f"Accelerate sees {acc.num_processes} process(es) but WORLD_SIZE={world}: the launch is inconsistent "
-            "(on CPU use `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N` or torchrun)"
+            "(on CPU use `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N`, or "
+            "`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N`: without ACCELERATE_USE_CPU=1 every CPU process is alone)"
         )
+    if sharded_requested(acc):
+        raise GainError(SHARDED_UNSUPPORTED)
     set_seed(int(cfg.seed))
     return acc
