@@ -329,8 +329,6 @@ def data_list(overrides: Optional[list[str]] = typer.Argument(None, help="domain
         src = f"{s.get('registry', '')} {s.get('package', '')} {s.get('version', '')}".strip() or cfg.domains.source
         table.add_row(str(i), d, *sizes, src)
     console.print(table)
-    if any("not built" in c for c in []):
-        pass
 
 
 @data_app.command("build", context_settings=OVERRIDES)

@@ -20,12 +20,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-from torch import nn
 
 from gain_cli.errors import GainError
-from gain_cli.methods.base import Method, register
-from gain_cli.methods.lora import adapter_formula, load_peft_state, peft_state
+from gain_cli.methods.base import register
+from gain_cli.methods.lora import PeftMethod
 
 
 def default_ia3_modules(spec) -> tuple[list[str], list[str]]:
@@ -74,25 +72,6 @@ def ia3_config(cfg: Mapping[str, Any], spec):
 
 
 @register("ia3")
-class IA3(Method):
+class IA3(PeftMethod):
     def peft_config(self):
         return ia3_config(self.cfg, self.spec)
-
-    def attach(self, model: nn.Module) -> nn.Module:
-        from peft import get_peft_model
-
-        return get_peft_model(model, self.peft_config())
-
-    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return peft_state(model)
-
-    def load_state_dict(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-        load_peft_state(self, model, state)
-
-    def merge(self, model: nn.Module) -> nn.Module:
-        if hasattr(model, "merge_and_unload"):
-            return model.merge_and_unload()
-        return model
-
-    def param_summary(self, model: nn.Module) -> tuple[int, str]:
-        return adapter_formula(model, self.spec)

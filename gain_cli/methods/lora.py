@@ -78,10 +78,11 @@ def adapter_formula(model: nn.Module, spec, prefix: str = "") -> tuple[int, str]
     return total, per_layer_formula(spec, entries, prefix)
 
 
-@register("lora")
-class Lora(Method):
+class PeftMethod(Method):
+    """A method that is one PEFT adapter per stage, merged with ``merge_and_unload`` (LoRA, (IA)^3)."""
+
     def peft_config(self):
-        return lora_config(self.cfg, self.spec)
+        raise NotImplementedError
 
     def attach(self, model: nn.Module) -> nn.Module:
         from peft import get_peft_model
@@ -101,3 +102,9 @@ class Lora(Method):
 
     def param_summary(self, model: nn.Module) -> tuple[int, str]:
         return adapter_formula(model, self.spec)
+
+
+@register("lora")
+class Lora(PeftMethod):
+    def peft_config(self):
+        return lora_config(self.cfg, self.spec)

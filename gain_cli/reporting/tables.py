@@ -221,7 +221,6 @@ def _rich_table(title: str):
 
 def print_run(run: RunResult, console) -> None:
     """Print one run's PPL matrix, its relative change vs base, the harness matrix and the metrics."""
-    m = run.metrics
     state = "complete" if run.complete else f"partial: {run.stages_done}/{len(run.domains)} stages"
     console.print(f"[bold]{run.method}[/bold] · {run.model} · {run.recipe} · {state} · {run.path}", highlight=False)
 
