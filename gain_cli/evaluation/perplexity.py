@@ -42,8 +42,12 @@ def block_nll(model, ids: torch.Tensor, autocast_dtype: torch.dtype | None = Non
     ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else torch.autocast(device.type, enabled=False)
     with ctx:
         logits = model(input_ids=ids).logits
-    logits = logits[:, :-1].float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none").view(ids.shape[0], -1)
+    # The last position predicts nothing: score every position with an ignored target there instead of slicing
+    # the logits (a [:, :-1] slice of the (batch, block, vocab) logits would be copied once more before the loss).
+    targets = F.pad(ids[:, 1:], (0, 1), value=-100)
+    nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none",
+                          ignore_index=-100)
+    return nll.view(ids.shape)[:, :-1]
 
 
 @torch.inference_mode()

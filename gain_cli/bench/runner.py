@@ -1,0 +1,248 @@
+"""``run_bench``: every benchmark section in one process on the same model, data and settings → bench.json + a table."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gain_cli.bench.settings import BenchSettings, bench_settings
+from gain_cli.errors import GainError
+
+TARGETS = {"training_ratio_min": 1.2, "perplexity_ratio_min": 1.5, "merged_inference_ratio_max": 1.02}
+SMOLLM2_INLINE = {"name": "smollm2-135m", "source": "smollm2", "path": None, "revision": None, "tokenizer": None,
+                  "dtype": "float32", "trust_remote_code": False, "arch_overrides": {}, "hf_config": {"model_type": "llama"}}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _configs(s: BenchSettings) -> tuple[dict, dict, dict[str, dict], str]:
+    """(model config, domains config, {method: config}, cache dir) from the project's configs."""
+    from omegaconf import OmegaConf
+
+    from gain_cli.config import compose_config, group_choices
+
+    model_over = [f"model={s.model}", *s.model_overrides] if s.model in group_choices("model") else []
+    cfg = compose_config([*model_over, "domains=tiny8"], None)
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True) if model_over else dict(SMOLLM2_INLINE)
+    if not model_over and s.model != SMOLLM2_INLINE["name"]:
+        raise GainError(f"unknown model config '{s.model}' for the benchmark")
+    domains_cfg = OmegaConf.to_container(cfg.domains, resolve=True)
+    methods = {}
+    for m in s.methods:
+        mc = compose_config([f"method={m}"], None)
+        methods[m] = OmegaConf.to_container(mc.method, resolve=True)
+    return model_cfg, domains_cfg, methods, str(cfg.cache_dir)
+
+
+def run_bench(size: str = "tiny", out: str | Path = "bench", repeats: int = 3, *, console=None,
+              settings: BenchSettings | None = None, log=None, **changes: Any) -> dict[str, Any]:
+    """Run every section, write ``<out>/bench.json``, print the table; returns the bench dict."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(var, "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if repeats < 1:
+        raise GainError(f"repeats must be >= 1, got {repeats}")
+    s = settings or bench_settings(size, **changes)
+    if log is None:
+        log = (lambda msg: console.print(msg, highlight=False)) if console is not None else print
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    threads_before = torch.get_num_threads()
+    if s.threads:
+        torch.set_num_threads(int(s.threads))
+    try:
+        return _run(s, out, repeats, console, log)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(s: BenchSettings, out: Path, repeats: int, console, log) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    load_before = os.getloadavg()
+
+    from gain_cli.data.domains import DomainData, ensure_domains
+    from gain_cli.models.loading import load_model, model_spec
+
+    model_cfg, domains_cfg, method_cfgs, cache_dir = _configs(s)
+    domains_cfg["sequence"] = [s.domain]
+    domains = ensure_domains(domains_cfg, cache_dir, log=log)
+    log(f"bench {s.size}: loading {model_cfg['name']}")
+    model, tokenizer = load_model(model_cfg, cache_dir)
+    spec = model_spec(model_cfg, model.config.model_type)
+    data = DomainData(domains, tokenizer, cache_dir)
+    train_blocks = data.blocks(s.domain, "train", s.train_seq)
+    heldout = data.blocks(s.domain, "validation", s.train_seq)[: s.train_batch]
+    if train_blocks.shape[0] < s.train_batch:
+        raise GainError(f"domain '{s.domain}' has only {train_blocks.shape[0]} training blocks")
+
+    from gain_cli.bench.evaluation import bench_boolq, bench_perplexity
+    from gain_cli.bench.inference import bench_inference
+    from gain_cli.bench.probes import MatmulProbe, flops_per_token
+    from gain_cli.bench.training import bench_training
+
+    result: dict[str, Any] = {
+        "size": s.size, "repeats": repeats, "settings": s.to_dict(),
+        "machine": {"cpu": _cpu_name(), "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "python": platform.python_version(),
+                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+                    "loadavg_start": [round(x, 2) for x in load_before]},
+        "model": {"name": model_cfg["name"], "parameters": sum(p.numel() for p in model.parameters()),
+                  "model_type": model.config.model_type},
+        "targets": TARGETS,
+    }
+    probe_dtype = torch.bfloat16 if s.mixed_precision == "bf16" else torch.float32
+    probe = MatmulProbe(model, s.train_batch * s.train_seq, probe_dtype, seed=s.seed)
+    result["probe"] = probe.describe()
+
+    log("training: our loop vs the Hugging Face Trainer")
+    result["training"] = bench_training(model, spec, method_cfgs, train_blocks, heldout, s, repeats, probe, log=log)
+    bf16_methods = {m: c for m, c in method_cfgs.items() if m in s.train_bf16_methods}
+    if bf16_methods:
+        log("training under bf16 autocast (both sides)")
+        from dataclasses import replace
+
+        s16 = replace(s, mixed_precision="bf16")
+        probe16 = MatmulProbe(model, s.train_batch * s.train_seq, torch.bfloat16, seed=s.seed)
+        t16 = bench_training(model, spec, bf16_methods, train_blocks, heldout, s16, repeats, probe16, log=log)
+        for m, row in t16["methods"].items():
+            fp32 = result["training"]["methods"][m]
+            row["speedup_over_fp32_ours"] = round(row["ours_tokens_per_s"] / fp32["ours_tokens_per_s"], 3)
+            row["final_loss_rel_diff_vs_fp32"] = abs(row["ours_final_loss"] - fp32["ours_final_loss"]) / fp32["ours_final_loss"]
+            row["heldout_rel_diff_vs_fp32"] = abs(row["heldout_loss_ours"] - fp32["heldout_loss_ours"]) / fp32["heldout_loss_ours"]
+        result["training_bf16"] = t16
+    log("evaluation: perplexity sweep vs lm-eval rolling log-likelihood")
+    val_stream = data.stream(s.domain, "validation")
+    result["perplexity"] = bench_perplexity(model, tokenizer, val_stream, s, repeats, log=log)
+    ev_fpt = flops_per_token(model, s.eval_seq, training=False)["total"]
+    for key in ("fp32", "bf16"):
+        row = result["perplexity"].get(key)
+        if row:
+            row["ours_gflops_per_s"] = round(row["ours_tokens_per_s"] * ev_fpt / 1e9, 2)
+    log("evaluation: BoolQ")
+    result["boolq"] = bench_boolq(model, tokenizer, s, repeats, out, log=log)
+    log("inference after merge")
+    gain_cfg = method_cfgs.get("gain_ffn") or _configs(BenchSettings(size=s.size, model=s.model, methods=("gain_ffn",),
+                                                                     model_overrides=s.model_overrides))[2]["gain_ffn"]
+    ids = data.blocks(s.domain, "validation", s.infer_seq)[: s.infer_batch]
+    result["inference"] = bench_inference(model, spec, gain_cfg, ids, s, repeats, log=log)
+
+    if s.thread_probe:
+        log("thread settings (subprocesses)")
+        from gain_cli.bench.threads import bench_threads
+
+        result["threads"] = bench_threads(model_cfg, cache_dir, s, log=log)
+    result["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    result["seconds"] = round(time.perf_counter() - t_start, 1)
+    result["targets_met"] = targets_met(result)
+    (out / "bench.json").write_text(json.dumps(result, indent=2, default=float) + "\n", encoding="utf-8")
+    (out / "bench.md").write_text(markdown_table(result), encoding="utf-8")
+    print_bench(result, console)
+    return result
+
+
+def targets_met(r: dict[str, Any]) -> dict[str, bool]:
+    met = {f"training_{m}": v["ratio"] >= TARGETS["training_ratio_min"] for m, v in r["training"]["methods"].items()}
+    met["perplexity_fp32"] = r["perplexity"]["fp32"]["ratio"] >= TARGETS["perplexity_ratio_min"]
+    met["merged_inference"] = r["inference"]["merged_over_base"] <= TARGETS["merged_inference_ratio_max"]
+    return met
+
+
+def _flops(x: float) -> str:
+    for unit, scale in (("GFLOP", 1e9), ("MFLOP", 1e6), ("kFLOP", 1e3)):
+        if x >= scale:
+            return f"{x / scale:,.1f} {unit}"
+    return f"{x:.0f} FLOP"
+
+
+def bench_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """(what, ours, standard stack, ratio, check) rows of the summary table."""
+    rows = []
+    tr = r["training"]
+    for m, v in tr["methods"].items():
+        rows.append((f"train {m} tok/s", f"{v['ours_tokens_per_s']:,.0f}", f"{v['trainer_tokens_per_s']:,.0f}",
+                     f"{v['ratio']:.2f}×",
+                     f"loss {v['ours_final_loss']:.4f} vs {v['trainer_final_loss']:.4f} (rel Δ ≤ {v['loss_max_rel_diff']:.0e}); "
+                     f"steady state {v['steady_ratio']:.2f}×"))
+    for m, v in (r.get("training_bf16") or {}).get("methods", {}).items():
+        rows.append((f"train {m} bf16 tok/s", f"{v['ours_tokens_per_s']:,.0f}", f"{v['trainer_tokens_per_s']:,.0f}",
+                     f"{v['ratio']:.2f}×", f"{v['speedup_over_fp32_ours']:.2f}× our fp32; loss vs fp32 rel Δ "
+                                           f"{v['final_loss_rel_diff_vs_fp32']:.0e}"))
+    for m, v in tr["methods"].items():
+        fpt = v["flops_per_token"]
+        rows.append((f"MFU {m}", f"{100 * v['ours_mfu']:.0f}%", f"{100 * v['trainer_mfu']:.0f}%", "",
+                     f"{_flops(fpt['total'])}/token; weight-grads skipped for "
+                     f"{100 * fpt['weight_grad_skipped_fraction']:.0f}% of matmul weights"))
+    ms = tr["methods"]
+    if "gain_ffn" in ms and "full_ft" in ms:
+        g, f = ms["gain_ffn"], ms["full_ft"]
+        rows.append(("gain_ffn / full_ft tok/s (ours)", f"{g['ours_tokens_per_s']:,.0f}", f"{f['ours_tokens_per_s']:,.0f}",
+                     f"{g['ours_tokens_per_s'] / f['ours_tokens_per_s']:.2f}×",
+                     f"FLOP/token ratio {f['flops_per_token']['total'] / g['flops_per_token']['total']:.2f}× "
+                     "(frozen weights: no weight-grads, tiny optimiser)"))
+    pp = r["perplexity"]
+    for key in ("fp32", "bf16"):
+        if key in pp:
+            v = pp[key]
+            check = (f"NLL per window Δ ≤ {pp['nll_max_abs_diff_per_window']:.0e}" if key == "fp32"
+                     else f"NLL vs fp32 rel Δ {v['nll_rel_diff_vs_fp32']:.0e}")
+            rows.append((f"perplexity {key} tok/s", f"{v['ours_tokens_per_s']:,.0f}", f"{v['lm_eval_tokens_per_s']:,.0f}",
+                         f"{v['ratio']:.2f}×", check))
+    b = r["boolq"]
+    rows.append(("BoolQ tok/s", f"{b['ours_tokens_per_s']:,.0f}", f"{b['lm_eval_tokens_per_s']:,.0f}",
+                 f"{b['ratio']:.2f}×", f"same choices: {b['choices_equal']} ({b['items']} items)"))
+    inf = r["inference"]
+    rows.append(("merged GAIN / base fwd", f"{inf['merged_ms']:.1f} ms", f"{inf['base_ms']:.1f} ms",
+                 f"{inf['merged_over_base']:.3f}", f"logits = wrapped ± {inf['merged_vs_wrapped_max_abs_logit_diff']:.0e}"))
+    rows.append(("wrapped GAIN / base fwd", f"{inf['wrapped_ms']:.1f} ms", f"{inf['base_ms']:.1f} ms",
+                 f"{inf['wrapped_over_base']:.3f}", "unmerged overhead"))
+    th = r.get("threads")
+    if th and th.get("active_over_passive"):
+        cores = max(int(k.split("/")[1][:-1]) for k in th["forward_ms"])
+        fm = th["forward_ms"]
+        rows.append((f"fwd {cores} threads, OMP sleep/spin", f"{fm[f'PASSIVE/{cores}t']:.1f} ms",
+                     f"{fm[f'ACTIVE/{cores}t']:.1f} ms", f"{th['active_over_passive']:.2f}×",
+                     f"OMP_WAIT_POLICY=PASSIVE vs default, load {th['loadavg'][0]:.1f}"))
+    return rows
+
+
+def markdown_table(r: dict[str, Any]) -> str:
+    """The summary table as Markdown (written next to bench.json as bench.md; pasted into docs/performance.md)."""
+    m = r["machine"]
+    head = (f"{r['model']['name']} · median of {r['repeats']} · {m['torch_threads']} threads · "
+            f"fp32 matmul peak {r['training']['peak_gflops']:.0f} GFLOP/s · load {m['loadavg_start'][0]:.1f} → "
+            f"{m['loadavg_end'][0]:.1f} · {m['cpu']}")
+    lines = [head, "", "| what | ours | standard stack | ours / standard | check |", "|---|---:|---:|---:|---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in bench_rows(r)]
+    return "\n".join(lines) + "\n"
+
+
+def print_bench(r: dict[str, Any], console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    m = r["machine"]
+    t = Table(title=f"gain bench · {r['model']['name']} · median of {r['repeats']} · {m['torch_threads']} threads · "
+                    f"fp32 matmul peak {r['training']['peak_gflops']:.0f} GFLOP/s")
+    for col in ("what", "ours", "standard stack", "ours / standard", "check"):
+        t.add_column(col, justify="right" if col in ("ours", "standard stack", "ours / standard") else "left")
+    for row in bench_rows(r):
+        t.add_row(*row)
+    console.print(t)
+    console.print(f"standard stack: HF Trainer (+PEFT) · lm-eval HFLM.loglikelihood_rolling · lm-eval simple_evaluate"
+                  f" · the base model.  Load average {m['loadavg_start'][0]:.1f} → {m['loadavg_end'][0]:.1f}; "
+                  f"{r['seconds']:.0f} s.", highlight=False)

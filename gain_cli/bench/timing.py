@@ -1,0 +1,54 @@
+"""Timing on a noisy machine: medians of repeats, interleaved runs, ratios within one repeat.
+
+Every comparison runs its contenders in the same process, alternating the order each repeat (A,B then B,A …),
+so slow drift of the machine's load hits both sides alike; a ratio is the median of the per-repeat ratios
+(each from two back-to-back runs) and is reported next to the medians of the two sides.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+
+def median(xs: Sequence[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def spread(xs: Sequence[float]) -> float:
+    """(max - min) / median of the samples: how noisy the measurement was (0 = identical repeats)."""
+    if len(xs) < 2:
+        return 0.0
+    m = median(xs)
+    return float((max(xs) - min(xs)) / m) if m else float("nan")
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    """(wall seconds, result) of one call; garbage collected before so earlier runs' memory does not bill this one."""
+    gc.collect()
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def interleaved(runs: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[tuple[float, Any]]]:
+    """Run every contender ``repeats`` times, alternating the order each repeat; {name: [(seconds, result), ...]}."""
+    names = list(runs)
+    out: dict[str, list[tuple[float, Any]]] = {n: [] for n in names}
+    for r in range(repeats):
+        order = names if r % 2 == 0 else names[::-1]
+        for n in order:
+            out[n].append(timed(runs[n]))
+    return out
+
+
+def paired_ratio(num: Sequence[float], den: Sequence[float]) -> float:
+    """Median over repeats of num[i] / den[i] (rates measured back to back in the same repeat)."""
+    return median([a / b for a, b in zip(num, den) if b])
+
+
+def summary(rates: Sequence[float]) -> dict[str, Any]:
+    return {"median": round(median(rates), 3), "samples": [round(x, 3) for x in rates], "spread": round(spread(rates), 3)}

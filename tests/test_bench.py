@@ -1,0 +1,105 @@
+"""`gain bench` at the tiny size: structure, finite numbers, and the correctness checks behind the comparisons.
+
+Times are never asserted (the machine is shared); what is asserted is what makes the comparisons fair: our loop and
+the HF Trainer reach the same losses on the same steps, our perplexity sweep and lm-eval's rolling log-likelihood give
+the same NLL on the same windows, score_yes_no picks what lm-eval picks, and merged GAIN gives the wrapped model's logits.
+"""
+
+import json
+import math
+
+import pytest
+
+# Our loop and the Trainer run the same fp32 maths on the same batches; the only differences are summation order
+# (mean vs sum / num_items loss) and our losses being stored to 6 decimals: agreement to 1e-5 relative is expected.
+LOSS_RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    from gain_cli.bench import bench_settings, run_bench
+
+    out = tmp_path_factory.mktemp("bench")
+    s = bench_settings("tiny", train_steps=4, warmup_steps=1, eval_windows=8, boolq_items=12, infer_repeats=2,
+                       probe_repeats=1, threads=1)
+    result = run_bench("tiny", out, repeats=1, settings=s, log=lambda msg: None)
+    return out, result
+
+
+def _numbers(obj, path=""):
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return
+    if isinstance(obj, (int, float)):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _numbers(v, f"{path}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _numbers(v, f"{path}[{i}]")
+
+
+def test_bench_json_has_every_section_with_finite_numbers(bench):
+    out, result = bench
+    data = json.loads((out / "bench.json").read_text())
+    for key in ("settings", "machine", "model", "probe", "training", "perplexity", "boolq", "inference", "targets_met"):
+        assert key in data, key
+    assert set(data["training"]["methods"]) == {"gain_ffn", "lora", "full_ft"}
+    for m, row in data["training"]["methods"].items():
+        for k in ("ours_tokens_per_s", "trainer_tokens_per_s", "ratio", "ours_mfu", "trainer_mfu", "flops_per_token"):
+            assert k in row, (m, k)
+        assert row["ours_tokens_per_s"] > 0 and row["trainer_tokens_per_s"] > 0
+    assert "fp32" in data["perplexity"] and data["perplexity"]["fp32"]["ratio"] > 0
+    bad = [(p, v) for p, v in _numbers(data) if not math.isfinite(v)]
+    assert not bad, bad
+
+
+def test_flop_counts_show_the_frozen_weight_saving(bench):
+    _, result = bench
+    f = {m: r["flops_per_token"] for m, r in result["training"]["methods"].items()}
+    # full FT computes weight-grads for every matmul weight; GAIN for none (its gains are not matmul weights)
+    assert f["full_ft"]["backward_weights"] == 2 * f["full_ft"]["matmul_params"]
+    assert f["gain_ffn"]["backward_weights"] == 0
+    assert 0 < f["lora"]["backward_weights"] < f["full_ft"]["backward_weights"]
+    assert f["gain_ffn"]["total"] < f["lora"]["total"] < f["full_ft"]["total"]
+
+
+def test_our_loop_and_the_trainer_reach_the_same_losses(bench):
+    _, result = bench
+    for m, row in result["training"]["methods"].items():
+        assert row["loss_steps_compared"] == result["training"]["steps"], m
+        assert row["loss_max_rel_diff"] <= LOSS_RTOL, (m, row["losses_ours"], row["losses_trainer"])
+        assert row["heldout_rel_diff"] <= LOSS_RTOL, (m, row["heldout_loss_ours"], row["heldout_loss_trainer"])
+
+
+def test_perplexity_windows_match_lm_eval(bench):
+    _, result = bench
+    p = result["perplexity"]
+    assert p["windows"] == 8 and p["predicted_tokens"] == 8 * (p["window_tokens"] - 1)
+    assert p["nll_rel_diff_total"] <= 1e-5
+    assert p["nll_max_abs_diff_per_window"] <= 1e-3
+
+
+def test_score_yes_no_picks_what_lm_eval_picks(bench):
+    _, result = bench
+    b = result["boolq"]
+    assert b["items"] == 12
+    assert b["choices_equal"] and b["choices_differing"] == 0
+
+
+def test_merged_gain_equals_wrapped_and_is_a_plain_model(bench):
+    _, result = bench
+    inf = result["inference"]
+    assert inf["merged_is_plain_model"]
+    assert inf["merged_vs_wrapped_max_abs_logit_diff"] <= 1e-5
+    assert inf["merged_vs_base_max_abs_logit_diff"] > 1e-3  # the gains really changed the model
+
+
+def test_unknown_size_is_a_user_error():
+    from gain_cli.bench import bench_settings
+    from gain_cli.errors import GainError
+
+    with pytest.raises(GainError, match="unknown bench size"):
+        bench_settings("huge")
+    with pytest.raises(GainError, match="unknown bench setting"):
+        bench_settings("tiny", nope=1)
