@@ -158,7 +158,7 @@ def bench(
     Writes <out>/bench.json and prints the table. Example: gain bench --size tiny --repeats 1
     """
     # Idle OpenMP threads sleep instead of spinning (read when torch is first imported, below): on a shared
-    # machine spinning pool threads stall every parallel region (docs/performance.md, "Thread settings").
+    # machine spinning pool threads stall every parallel region (README.md, "Thread settings").
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from gain_cli.bench import run_bench
 
