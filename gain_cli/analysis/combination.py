@@ -11,9 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from gain_cli.analysis.common import delta, load_weights, mean_loss, mix_weights, open_run, plt, weights_after
+from gain_cli.analysis.common import save_figure, delta, load_weights, mean_loss, mix_weights, open_run, plt, weights_after
 from gain_cli.errors import GainError
-from gain_cli.io import atomic_write_json, atomic_write_with
 
 
 def combination(run_dir: Path, out_dir: Path, stages: tuple[int, int] = (1, 2), grid: list[float] | None = None,
@@ -52,11 +51,7 @@ def combination(run_dir: Path, out_dir: Path, stages: tuple[int, int] = (1, 2), 
         fig.colorbar(im, ax=ax, shrink=0.8)
     fig.suptitle(f"{run.label}: θ0 + α·Δ{a} + β·Δ{b}")
     fig.tight_layout()
-    out_dir = Path(out_dir)
-    png = out_dir / "combination.png"
-    atomic_write_with(png, lambda p: fig.savefig(p, format="png", dpi=120))
-    pyplot.close(fig)
-    atomic_write_json(out_dir / "combination.json", {
+    return save_figure(fig, out_dir, "combination", {
         "run": str(run_dir), "method": run.label, "stages": [a, b], "domains": [dom_a, dom_b], "grid": grid,
         "loss_a": loss_a.tolist(), "loss_b": loss_b.tolist(), "cross_domain_loss": cross.tolist(), "other_domains": others})
-    return png
+

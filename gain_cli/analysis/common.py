@@ -111,3 +111,14 @@ def plt():
     import matplotlib.pyplot as pyplot
 
     return pyplot
+
+
+def save_figure(fig, out_dir: Path, name: str, data) -> Path:
+    """Write ``<name>.png`` and ``<name>.json`` (the plotted numbers) atomically; return the PNG path."""
+    from gain_cli.io import atomic_write_json, atomic_write_with
+
+    png = Path(out_dir) / f"{name}.png"
+    atomic_write_with(png, lambda p: fig.savefig(p, format="png", dpi=120))
+    plt().close(fig)
+    atomic_write_json(Path(out_dir) / f"{name}.json", data)
+    return png

