@@ -150,7 +150,8 @@ def bench(
     size: str = typer.Option("smollm2", "--size", help="smollm2: the real figures (about 15 min on 2 cores); "
                                                        "tiny: a one-minute sanity run (its times mean nothing)."),
     out: Path = typer.Option(Path("bench"), "--out", help="Directory for bench.json."),
-    repeats: int = typer.Option(3, "--repeats", help="Runs per measurement, interleaved; medians are reported."),
+    repeats: int = typer.Option(4, "--repeats", help="Runs per measurement, order alternating (use an even number); "
+                                "ratios combine (A,B),(B,A) pairs, medians are reported."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
 ) -> None:
     """Training and evaluation speed against the standard stack (HF Trainer + PEFT, lm-eval), in one process.

@@ -70,26 +70,40 @@ def _pid_alive(pid: int) -> bool:
 
 
 @contextmanager
-def run_lock(run_dir: Path):
-    """Refuse a second process on the same run directory (unless the first one is dead)."""
+def run_lock(run_dir: Path, acc=None):
+    """Refuse a second run on the same run directory (unless the first one is dead).
+
+    Under several processes the main process takes the lock and a refusal stops every process (not only the
+    main one, which would leave the others waiting for it forever).
+    """
     lock = run_dir / ".lock"
     me = {"pid": os.getpid(), "host": socket.gethostname(), "started": datetime.now().isoformat(timespec="seconds")}
-    if lock.exists():
-        try:
-            other = json.loads(lock.read_text())
-        except (OSError, ValueError):
-            other = {}
-        if other.get("host") == me["host"] and other.get("pid") and other["pid"] != me["pid"] and _pid_alive(int(other["pid"])):
-            raise GainError(f"run directory {run_dir} is in use by process {other['pid']} on {other['host']} "
-                            f"(since {other.get('started')}); wait for it or choose another run_dir")
-        if other.get("host") not in (None, me["host"]):
-            raise GainError(f"run directory {run_dir} is locked by {other.get('host')} (pid {other.get('pid')}); "
-                            f"if that run is dead, delete {lock}")
-    atomic_write_json(lock, me)
+
+    def acquire() -> None:
+        if lock.exists():
+            try:
+                other = json.loads(lock.read_text())
+            except (OSError, ValueError):
+                other = {}
+            if other.get("host") == me["host"] and other.get("pid") and other["pid"] != me["pid"] \
+                    and _pid_alive(int(other["pid"])):
+                raise GainError(f"run directory {run_dir} is in use by process {other['pid']} on {other['host']} "
+                                f"(since {other.get('started')}); wait for it or choose another run_dir")
+            if other.get("host") not in (None, me["host"]):
+                raise GainError(f"run directory {run_dir} is locked by {other.get('host')} (pid {other.get('pid')}); "
+                                f"if that run is dead, delete {lock}")
+        atomic_write_json(lock, me)
+
+    is_main = acc is None or acc.is_main_process
+    if acc is None:
+        acquire()
+    else:
+        on_main_shared(acc, acquire)
     try:
         yield
     finally:
-        lock.unlink(missing_ok=True)
+        if is_main:
+            lock.unlink(missing_ok=True)
 
 
 def _git_commit() -> str | None:
@@ -363,7 +377,7 @@ def run_experiment(cfg: DictConfig, console=None, on_event: Callable[[str, dict]
     run_dir = on_main_shared(acc, choose_run_dir)  # one directory for all processes (the default is a timestamp)
     exp = Experiment(cfg, run_dir, console, accelerator=acc)
     emit = on_event or (lambda *_: None)
-    with (run_lock(run_dir) if exp.is_main else _nullcontext()):
+    with run_lock(run_dir, acc):
         if exp.is_main:  # temp files of a killed writer: never read, removed under the lock
             for stale in run_dir.rglob(".*.tmp"):
                 stale.unlink(missing_ok=True)
@@ -434,8 +448,3 @@ def _write_run_report(run_dir: Path, exp: Experiment) -> None:
     except ImportError:
         return
     write_report([run_dir], run_dir / "report", "md")
-
-
-@contextmanager
-def _nullcontext():
-    yield

@@ -103,3 +103,16 @@ def test_unknown_size_is_a_user_error():
         bench_settings("huge")
     with pytest.raises(GainError, match="unknown bench setting"):
         bench_settings("tiny", nope=1)
+
+
+def test_paired_ratio_cancels_a_first_run_cost():
+    """Order alternates A,B / B,A; a side that runs first pays 20 %: the (A,B),(B,A) pairs cancel it exactly."""
+    from gain_cli.bench.timing import paired_ratio
+
+    true_a, true_b, cost = 300.0, 200.0, 0.8
+    a = [true_a * (cost if r % 2 == 0 else 1.0) for r in range(4)]   # A first in repeats 0 and 2
+    b = [true_b * (cost if r % 2 == 1 else 1.0) for r in range(4)]
+    assert paired_ratio(a, b) == pytest.approx(1.5, rel=1e-12)
+    assert paired_ratio(a[:3], b[:3]) == pytest.approx(1.5, rel=1e-12)  # the unpaired third repeat is left out
+    assert paired_ratio(a[:1], b[:1]) == pytest.approx(0.8 * 1.5)       # one repeat: its own ratio
+    assert paired_ratio([3.0, 1.0, 2.0, 2.0, 9.0, 1.0], [1.0] * 6) == pytest.approx(2.0)  # median of √3, 2, 3

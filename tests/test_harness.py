@@ -298,3 +298,21 @@ def test_boolq_source_choice(monkeypatch, tmp_path):
     assert boolq_source({"boolq_path": str(data)}) == data.resolve()
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     assert boolq_source({}) == BUILTIN_BOOLQ
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_next_token_logprobs_equal_a_masked_full_forward(setup, wrap):
+    """The fast path (right pads, no mask, LM head only at each row's last position) changes no number."""
+    from gain_cli.evaluation.harness import _accepts_logits_to_keep, _forward_logprobs, _next_token_logprobs
+
+    model = _QuackingLM(setup.model) if wrap else setup.model
+    assert _accepts_logits_to_keep(model) is (not wrap)
+    rows = [setup.tok.encode(boolq_prompt(it)) for it in ITEMS[:5]]
+    assert len({len(r) for r in rows}) > 1  # real padding
+    pad = setup.tok.pad_token_id
+    with torch.no_grad():
+        fast = _next_token_logprobs(model, rows, pad)
+        full = _forward_logprobs(model, rows, pad)
+    expect = torch.stack([full[i, len(r) - 1] for i, r in enumerate(rows)])
+    assert fast.shape == expect.shape
+    torch.testing.assert_close(fast, expect, rtol=0, atol=1e-5)

@@ -147,12 +147,6 @@ def test_two_process_run_records_two_processes_and_main_writes_once(pairs):
 @pytest.mark.multiproc
 def test_gain_run_with_a_launcher_config_runs_two_processes(tmp_path):
     """`gain run ... launcher=accelerate_cpu2` re-executes itself through accelerate launch (the CLI wiring)."""
-    import inspect
-
-    import gain_cli.cli as cli
-
-    if "maybe_relaunch" not in inspect.getsource(cli.run):
-        pytest.skip("gain run does not call gain_cli.launcher.maybe_relaunch yet")
     rd = tmp_path / "cli"
     out = subprocess.run([sys.executable, "-m", "gain_cli", "run", "recipe=tiny_8domains", "domains.sequence=[dna]",
                           "train.steps=2", "eval.max_blocks=3", "eval.harness.enabled=false", "launcher=accelerate_cpu2",
@@ -162,6 +156,28 @@ def test_gain_run_with_a_launcher_config_runs_two_processes(tmp_path):
     assert json.loads((rd / "run_info.json").read_text())["num_processes"] == 2
     assert out.stdout.count("results: ") == 1  # printed by the main process only
     assert "launching 2 process(es)" in out.stdout
+
+
+@pytest.mark.multiproc
+def test_a_locked_run_dir_stops_every_process(tmp_path):
+    """The main process finds the run directory in use: both processes exit with the one-line error (no rank left
+    waiting for the main one), and the other run's lock is left alone."""
+    from gain_cli.launcher import free_port
+
+    rd = tmp_path / "r"
+    rd.mkdir()
+    holder = {"pid": os.getpid(), "host": __import__("socket").gethostname(), "started": "2026-01-01T00:00:00"}
+    (rd / ".lock").write_text(json.dumps(holder))
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "gain_cli", "run", *COMMON, f"run_dir={rd}"]
+    out = subprocess.run(cmd, env=_env(ACCELERATE_USE_CPU="1"), capture_output=True, text=True, timeout=300)
+    msg = out.stdout + out.stderr
+    assert out.returncode != 0, msg[-3000:]
+    assert msg.count(f"is in use by process {os.getpid()}") >= 2, msg[-3000:]  # said by both ranks
+    assert "gain_cli/runner.py" not in msg  # a one-line error, not a stack trace from a rank
+    assert json.loads((rd / ".lock").read_text()) == holder
+    assert not (rd / "base").exists()
 
 
 @pytest.mark.multiproc

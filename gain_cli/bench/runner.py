@@ -48,7 +48,7 @@ def _configs(s: BenchSettings) -> tuple[dict, dict, dict[str, dict], str]:
     return model_cfg, domains_cfg, methods, str(cfg.cache_dir)
 
 
-def run_bench(size: str = "tiny", out: str | Path = "bench", repeats: int = 3, *, console=None,
+def run_bench(size: str = "tiny", out: str | Path = "bench", repeats: int = 4, *, console=None,
               settings: BenchSettings | None = None, log=None, **changes: Any) -> dict[str, Any]:
     """Run every section, write ``<out>/bench.json``, print the table; returns the bench dict."""
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):

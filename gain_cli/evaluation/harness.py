@@ -569,14 +569,52 @@ def _forward_logprobs(model: torch.nn.Module, rows: list[list[int]], pad_id: int
     return torch.log_softmax(logits, dim=-1, dtype=dtype)
 
 
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether ``model(...)`` takes HF's ``logits_to_keep`` (LM head on chosen positions only); PeftModel forwards
+    it to its base model."""
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(target.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _next_token_logprobs(model: torch.nn.Module, rows: list[list[int]], pad_id: int) -> torch.Tensor:
+    """Log-probabilities of the token after each row, [batch, vocab].
+
+    Rows are right-padded and go in without a padding mask: in a causal LM a row's last real position only attends
+    to the positions before it, so the pads after it change nothing there, and the model takes its unmasked causal
+    fast path. Only the last real position of each row goes through the LM head when the model accepts
+    ``logits_to_keep`` (a 1-D tensor of positions, the same for the whole batch: the distinct last positions).
+    """
+    width = max(len(r) for r in rows)
+    device = _model_device(model)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    last = torch.tensor([len(r) - 1 for r in rows])
+    kwargs: dict[str, Any] = {}
+    if _needs_attention_mask(model):
+        kwargs["attention_mask"] = torch.ones_like(ids).to(device)
+    if _accepts_logits_to_keep(model):
+        keep, where = torch.unique(last, return_inverse=True)
+        kwargs["logits_to_keep"] = keep.to(device)
+    else:
+        where = last
+    logits = _logits_of(model(input_ids=ids.to(device), **kwargs))
+    picked = logits[torch.arange(len(rows), device=logits.device), where.to(logits.device)]
+    return torch.log_softmax(picked.float(), dim=-1)
+
+
 def score_yes_no(model: torch.nn.Module, tokenizer: Any, items: Sequence[Mapping[str, Any]],
                  batch_size: int = 8) -> list[int]:
     """Per item 1 if lm-eval's BoolQ comparison picks "yes", else 0 (ties go to "no", like its argmax).
 
     Scores ``prompt + " yes"`` vs ``prompt + " no"`` exactly as lm-eval's HFLM.loglikelihood does (same context
     encoding, same left truncation, sum of continuation log-probs). Items whose two continuations are single tokens
-    need one forward pass per batch of prompts (the two next-token log-probs at the prompt's last position); any
-    others are scored as full context+continuation sequences.
+    need one forward pass per batch of prompts (the two next-token log-probs at the prompt's last position, prompts
+    batched longest first, the LM head only on those positions); any others are scored as full
+    context+continuation sequences. The model must be causal (every model gain trains is).
     """
     if batch_size < 1:
         raise GainError(f"batch_size must be >= 1, got {batch_size}")
@@ -606,13 +644,14 @@ def score_yes_no(model: torch.nn.Module, tokenizer: Any, items: Sequence[Mapping
                 slow.append((i, choice, (ctx + cont)[-(max_len + 1):][:-1], cont))
     scores = torch.zeros((len(items), 2), dtype=torch.float64)
     with eval_mode(model):
+        fast.sort(key=lambda c: -len(c[1]))   # similar lengths share a batch: little padding
         for start in range(0, len(fast), batch_size):
             chunk = fast[start:start + batch_size]
-            lp = _forward_logprobs(model, [c[1] for c in chunk], pad_id)
-            for row, (i, window, no_id, yes_id) in enumerate(chunk):
-                last = lp[row, len(window) - 1]
-                scores[i, 0] = float(last[no_id])
-                scores[i, 1] = float(last[yes_id])
+            lp = _next_token_logprobs(model, [c[1] for c in chunk], pad_id)
+            for row, (i, _window, no_id, yes_id) in enumerate(chunk):
+                scores[i, 0] = float(lp[row, no_id])
+                scores[i, 1] = float(lp[row, yes_id])
+        slow.sort(key=lambda c: -len(c[2]))
         for start in range(0, len(slow), batch_size):
             chunk = slow[start:start + batch_size]
             lp = _forward_logprobs(model, [c[2] for c in chunk], pad_id)
