@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from gain_cli.errors import GainError
+from gain_cli.models.kv_cache import no_kv_cache
 
 log = logging.getLogger(__name__)
 
@@ -479,7 +480,7 @@ def harness_results(model: torch.nn.Module, tokenizer: Any, cfg: Mapping[str, An
             task_manager = _default_task_manager()
         else:  # only local task files: skip indexing lm-eval's ~14,700 YAMLs
             task_manager = TaskManager(include_path=str(local_dir) if local_dir else None, include_defaults=False)
-        with eval_mode(model), _preserved_rng():
+        with eval_mode(model), _preserved_rng(), no_kv_cache(model):
             lm = lm_cls(pretrained=HarnessModelAdapter(model), tokenizer=tokenizer, batch_size=cfg["batch_size"],
                         max_batch_size=64)
             lm.show_progress = cfg["progress"]
@@ -643,7 +644,7 @@ def score_yes_no(model: torch.nn.Module, tokenizer: Any, items: Sequence[Mapping
             for choice, cont in enumerate(conts):
                 slow.append((i, choice, (ctx + cont)[-(max_len + 1):][:-1], cont))
     scores = torch.zeros((len(items), 2), dtype=torch.float64)
-    with eval_mode(model):
+    with eval_mode(model), no_kv_cache(model):
         fast.sort(key=lambda c: -len(c[1]))   # similar lengths share a batch: little padding
         for start in range(0, len(fast), batch_size):
             chunk = fast[start:start + batch_size]

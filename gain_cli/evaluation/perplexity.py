@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from gain_cli.models.kv_cache import no_kv_cache
+
 
 @dataclass
 class PplResult:
@@ -60,11 +62,12 @@ def evaluate_blocks(model, blocks: torch.Tensor, batch_size: int, accelerator=No
     device = _model_device(model)
     nll = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
-    for start in range(0, shard.shape[0], batch_size):
-        ids = shard[start:start + batch_size].to(device)
-        per_token = block_nll(model, ids, autocast_dtype)
-        nll += per_token.double().sum()
-        count += per_token.numel()
+    with no_kv_cache(model):
+        for start in range(0, shard.shape[0], batch_size):
+            ids = shard[start:start + batch_size].to(device)
+            per_token = block_nll(model, ids, autocast_dtype)
+            nll += per_token.double().sum()
+            count += per_token.numel()
     if world > 1:
         nll, count = accelerator.reduce(nll, "sum"), accelerator.reduce(count, "sum")
     model.train(was_training)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from gain_cli.errors import GainError
+from gain_cli.models.kv_cache import no_kv_cache
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -103,43 +104,45 @@ def train_stage(model, method, blocks: torch.Tensor, train_cfg, *, seed: int, st
 
     t0 = time.perf_counter()
     tokens0 = tokens
-    for step in range(start, steps):
-        step_loss = torch.zeros((), dtype=torch.float64)
-        for a in range(ga):
-            base = (step * ga + a) * bs * world + accelerator.process_index * bs
-            ids = blocks[order[base: base + bs]].to(accelerator.device)
-            with accelerator.accumulate(pmodel):
-                out = pmodel(input_ids=ids, labels=ids)
-                loss = out.loss
-                reg = method.regularization(model)
-                if reg is not None:
-                    loss = loss + reg
-                loss = faults.poison_loss(f"stage{stage}.step{step + 1}", loss)
-                if not torch.isfinite(loss.detach()):
-                    raise NonFiniteLoss(stage, step + 1, float(loss.detach()))
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and max_norm:
-                    accelerator.clip_grad_norm_(params, float(max_norm))
-                optimizer.step()
-                if accelerator.sync_gradients:
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            step_loss += loss.detach().double().cpu() / ga
-            tokens += ids.numel() * world
-        if world > 1:
-            step_loss = accelerator.reduce(step_loss.to(accelerator.device), "mean").cpu()
-        losses.append(float(step_loss))
-        elapsed = time.perf_counter() - t0
-        rate = (tokens - tokens0) / max(elapsed, 1e-9)
-        if progress is not None:
-            progress(step + 1, steps, losses[-1], rate)
-        if log is not None and ((step + 1) % log_every == 0 or step + 1 == steps):
-            log({"stage": stage, "step": step + 1, "loss": round(losses[-1], 5),
-                 "lr": scheduler.get_last_lr()[0], "tokens": tokens, "tokens_per_s": round(rate, 1)})
-        if checkpoints is not None and checkpoints.due(step + 1, steps):
-            checkpoints.save(step + 1, method, model, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                             scheduler, losses, tokens)
-        faults.point(f"stage{stage}.step{step + 1}")
+    with no_kv_cache(model):  # no K/V cache copies in a training forward (the Trainer turns it off too)
+        for step in range(start, steps):
+            step_loss = torch.zeros((), dtype=torch.float64)
+            for a in range(ga):
+                base = (step * ga + a) * bs * world + accelerator.process_index * bs
+                ids = blocks[order[base: base + bs]].to(accelerator.device)
+                with accelerator.accumulate(pmodel):
+                    # only the loss is kept: the output's full-vocabulary logits are freed right after the forward
+                    # instead of living on through the backward and into the next step's forward
+                    loss = pmodel(input_ids=ids, labels=ids).loss
+                    reg = method.regularization(model)
+                    if reg is not None:
+                        loss = loss + reg
+                    loss = faults.poison_loss(f"stage{stage}.step{step + 1}", loss)
+                    if not torch.isfinite(loss.detach()):
+                        raise NonFiniteLoss(stage, step + 1, float(loss.detach()))
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and max_norm:
+                        accelerator.clip_grad_norm_(params, float(max_norm))
+                    optimizer.step()
+                    if accelerator.sync_gradients:
+                        scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                step_loss += loss.detach().double().cpu() / ga
+                tokens += ids.numel() * world
+            if world > 1:
+                step_loss = accelerator.reduce(step_loss.to(accelerator.device), "mean").cpu()
+            losses.append(float(step_loss))
+            elapsed = time.perf_counter() - t0
+            rate = (tokens - tokens0) / max(elapsed, 1e-9)
+            if progress is not None:
+                progress(step + 1, steps, losses[-1], rate)
+            if log is not None and ((step + 1) % log_every == 0 or step + 1 == steps):
+                log({"stage": stage, "step": step + 1, "loss": round(losses[-1], 5),
+                     "lr": scheduler.get_last_lr()[0], "tokens": tokens, "tokens_per_s": round(rate, 1)})
+            if checkpoints is not None and checkpoints.due(step + 1, steps):
+                checkpoints.save(step + 1, method, model, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+                                 scheduler, losses, tokens)
+            faults.point(f"stage{stage}.step{step + 1}")
     accelerator.unwrap_model(pmodel, keep_fp32_wrapper=False)  # undo the mixed-precision forward patch
     accelerator.free_memory()  # drops the accelerator's references to this stage's objects
     model.eval()
