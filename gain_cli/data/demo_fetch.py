@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tarfile
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from gain_cli.errors import GainError
@@ -80,9 +80,10 @@ def _find_dist(d: Path, name: str, version: str) -> Path | None:
     return None
 
 
-def extract_archive(archive: Path, download_dir: Path, patterns: Sequence[str]) -> Path:
-    """Members of a .tar.gz/.tgz/.whl/.zip matching any glob in ``patterns`` → ``download_dir/extract/<name>/``."""
-    dest = Path(download_dir) / "extract" / archive.name
+def _extract_once(dest: Path, patterns: Sequence[str], fill: Callable[[Path], int], what: str) -> Path:
+    """``dest`` filled once per set of patterns: ``fill(tmp)`` writes the members into a temporary folder and returns
+    how many; the folder is marked complete and moved into place, so an interrupted extraction is never read. A
+    second call with the same patterns returns at once."""
     marker = dest / ".complete"
     key = "\n".join(sorted(patterns))
     if marker.is_file() and marker.read_text() == key:
@@ -91,26 +92,34 @@ def extract_archive(archive: Path, download_dir: Path, patterns: Sequence[str]) 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        n = 0
+        if fill(tmp) == 0:
+            raise GainError(f"{what} has no member matching {', '.join(patterns)}")
+        (tmp / ".complete").write_text(key)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def extract_archive(archive: Path, download_dir: Path, patterns: Sequence[str]) -> Path:
+    """Members of a .tar.gz/.tgz/.whl/.zip matching any glob in ``patterns`` → ``download_dir/extract/<name>/``."""
+    def fill(tmp: Path) -> int:
         if archive.name.endswith((".whl", ".zip")):
+            n = 0
             with zipfile.ZipFile(archive) as z:
                 for m in z.namelist():
                     if any(fnmatch.fnmatch(m, p) for p in patterns) and not m.endswith("/"):
                         z.extract(m, tmp)
                         n += 1
-        else:
-            with tarfile.open(archive, "r|*") as t:
-                n = _extract_stream(t, tmp, patterns)
-        if n == 0:
-            raise GainError(f"{archive.name} has no member matching {', '.join(patterns)}")
-        (tmp / ".complete").write_text(key)
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
+            return n
+        with tarfile.open(archive, "r|*") as t:
+            return _extract_stream(t, tmp, patterns)
+
+    try:
+        return _extract_once(Path(download_dir) / "extract" / archive.name, patterns, fill, archive.name)
     except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError) as exc:
         raise GainError(f"cannot unpack {archive} ({type(exc).__name__}: {exc}); delete it to download it again") from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
 
 
 def _extract_stream(t: tarfile.TarFile, dest: Path, patterns: Sequence[str]) -> int:
@@ -195,16 +204,9 @@ def extract_deb(deb: Path, download_dir: Path, patterns: Sequence[str]) -> Path:
 
     Uses ``dpkg-deb --fsys-tarfile`` (any compression) and keeps only the matching members.
     """
-    dest = Path(download_dir) / "extract" / deb.name
-    marker = dest / ".complete"
-    key = "\n".join(sorted(patterns))
-    if marker.is_file() and marker.read_text() == key:
-        return dest
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     cmd = ["dpkg-deb", "--fsys-tarfile", str(deb)]
-    try:
+
+    def fill(tmp: Path) -> int:
         try:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
         except FileNotFoundError as exc:
@@ -218,16 +220,12 @@ def extract_deb(deb: Path, download_dir: Path, patterns: Sequence[str]) -> Path:
             rc = proc.wait()
         if rc != 0:
             raise GainError(f"cannot unpack {deb.name}: '{' '.join(cmd)}' failed: {err.splitlines()[-1] if err else rc}")
-        if n == 0:
-            raise GainError(f"{deb.name} has no member matching {', '.join(patterns)}")
-        (tmp / ".complete").write_text(key)
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
+        return n
+
+    try:
+        return _extract_once(Path(download_dir) / "extract" / deb.name, patterns, fill, deb.name)
     except tarfile.TarError as exc:
         raise GainError(f"cannot unpack {deb} ({exc}); delete it to download it again") from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest
 
 
 # --- npm ---------------------------------------------------------------------------------------

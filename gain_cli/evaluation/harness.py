@@ -222,7 +222,8 @@ def _logits_of(out: Any) -> torch.Tensor:
     raise TypeError(f"cannot find logits in model output of type {type(out).__name__}")
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's weights are (``model.device`` when it has one, else its first parameter's; CPU if none)."""
     dev = getattr(model, "device", None)
     if isinstance(dev, torch.device):
         return dev
@@ -242,11 +243,16 @@ def _model_dtype(model: torch.nn.Module) -> torch.dtype:
         return torch.float32
 
 
-def _needs_attention_mask(model: torch.nn.Module) -> bool:
+def _forward_parameter(model: torch.nn.Module, name: str) -> inspect.Parameter | None:
+    """The parameter ``name`` of ``model.forward`` (None if it has none or its signature cannot be read)."""
     try:
-        param = inspect.signature(model.forward).parameters.get("attention_mask")
+        return inspect.signature(model.forward).parameters.get(name)
     except (TypeError, ValueError):
-        return False
+        return None
+
+
+def _needs_attention_mask(model: torch.nn.Module) -> bool:
+    param = _forward_parameter(model, "attention_mask")
     return param is not None and param.default is inspect.Parameter.empty
 
 
@@ -279,7 +285,7 @@ class HarnessModelAdapter(torch.nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return _model_device(self.inner)
+        return model_device(self.inner)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -556,16 +562,21 @@ def _max_length(model: torch.nn.Module, tokenizer: Any) -> int:
     return 2048
 
 
+def _right_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [batch, longest] padded with ``pad_id`` on the right, length of each row)."""
+    lengths = torch.tensor([len(r) for r in rows])
+    ids = torch.full((len(rows), int(lengths.max())), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return ids, lengths
+
+
 def _forward_logprobs(model: torch.nn.Module, rows: list[list[int]], pad_id: int,
                       dtype: torch.dtype | None = None) -> torch.Tensor:
     """Right-padded batch through the model; log-softmax over the vocabulary, [batch, len, vocab]."""
-    width = max(len(r) for r in rows)
-    device = _model_device(model)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
+    ids, lengths = _right_padded(rows, pad_id)
+    mask = (torch.arange(ids.shape[1]) < lengths[:, None]).long()
+    device = model_device(model)
     logits = _logits_of(model(input_ids=ids.to(device), attention_mask=mask.to(device)))
     return torch.log_softmax(logits, dim=-1, dtype=dtype)
 
@@ -574,10 +585,7 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     """Whether ``model(...)`` takes HF's ``logits_to_keep`` (LM head on chosen positions only); PeftModel forwards
     it to its base model."""
     target = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        return "logits_to_keep" in inspect.signature(target.forward).parameters
-    except (TypeError, ValueError):
-        return False
+    return _forward_parameter(target, "logits_to_keep") is not None
 
 
 def _next_token_logprobs(model: torch.nn.Module, rows: list[list[int]], pad_id: int) -> torch.Tensor:
@@ -588,12 +596,9 @@ def _next_token_logprobs(model: torch.nn.Module, rows: list[list[int]], pad_id: 
     fast path. Only the last real position of each row goes through the LM head when the model accepts
     ``logits_to_keep`` (a 1-D tensor of positions, the same for the whole batch: the distinct last positions).
     """
-    width = max(len(r) for r in rows)
-    device = _model_device(model)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-    last = torch.tensor([len(r) - 1 for r in rows])
+    ids, lengths = _right_padded(rows, pad_id)
+    last = lengths - 1
+    device = model_device(model)
     kwargs: dict[str, Any] = {}
     if _needs_attention_mask(model):
         kwargs["attention_mask"] = torch.ones_like(ids).to(device)

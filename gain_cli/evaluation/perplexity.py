@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from gain_cli.evaluation.harness import model_device
 from gain_cli.models.kv_cache import no_kv_cache
 
 
@@ -29,13 +30,6 @@ class PplResult:
     @property
     def ppl(self) -> float:
         return math.exp(self.loss)
-
-
-def _model_device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
 
 
 def block_nll(model, ids: torch.Tensor, autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -59,7 +53,7 @@ def evaluate_blocks(model, blocks: torch.Tensor, batch_size: int, accelerator=No
     model.eval()
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     shard = blocks[rank::world]
-    device = _model_device(model)
+    device = model_device(model)
     nll = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
     with no_kv_cache(model):
