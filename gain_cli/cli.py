@@ -190,7 +190,7 @@ def eval_(
     t0 = time.perf_counter()
     for d in domains:
         r = evaluate_blocks(model, data.blocks(d.name, "validation", int(cfg.eval.block_size), cfg.eval.get("max_blocks")),
-                            int(cfg.eval.batch_size))
+                            int(cfg.eval.batch_size), compile=bool(cfg.eval.get("compile", False)))
         table.add_row(d.name, f"{r.ppl:.3f}", f"{r.loss:.4f}", str(r.tokens))
     console.print(table)
     console.print(f"{time.perf_counter() - t0:.1f} s", highlight=False)

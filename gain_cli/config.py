@@ -143,6 +143,7 @@ SCHEMA: dict[str, tuple[str, bool]] = {  # key -> (kind, may be null)
     "train.steps": (_INT, False), "train.batch_size": (_INT, False), "train.grad_accum": (_INT, False),
     "train.seq_len": (_INT, False), "train.warmup_ratio": (_NUM, False), "train.max_grad_norm": (_NUM, True),
     "train.log_every": (_INT, False), "train.threads": (_INT, True), "train.checkpoint_every": (_INT, True),
+    "train.compile": (_BOOL, False), "eval.compile": (_BOOL, False),
     "eval.block_size": (_INT, False), "eval.max_blocks": (_INT, True), "eval.batch_size": (_INT, False),
     "method.lr": (_NUM, False), "method.weight_decay": (_NUM, True),
 }

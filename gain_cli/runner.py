@@ -168,6 +168,15 @@ def write_matrices(run_dir: Path, domains: list[str]) -> None:
                      [[(r.get("harness") or {}).get(t, {}).get("acc", float("nan")) for t in tasks] for r in rows])
 
 
+def _check_compile(cfg: DictConfig, device) -> None:
+    """train.compile / eval.compile on a machine that cannot build compiled kernels: say so before any work."""
+    from gain_cli.models.compiling import require_compile
+
+    for key in ("train.compile", "eval.compile"):
+        if OmegaConf.select(cfg, key, default=False):
+            require_compile(device, key)
+
+
 # --- the experiment --------------------------------------------------------------------------
 
 class Experiment:
@@ -181,6 +190,7 @@ class Experiment:
 
         self.cfg, self.run_dir, self.console = cfg, run_dir, console
         self.accelerator = accelerator if accelerator is not None else make_accelerator(cfg)
+        _check_compile(cfg, self.accelerator.device)
         if cfg.train.get("threads"):
             torch.set_num_threads(int(cfg.train.threads))
         # caches (pretrained tiny model, converted checkpoints, built data, token streams) are filled
@@ -213,7 +223,8 @@ class Experiment:
         t0 = time.perf_counter()
         for d in self.domains:
             faults.point(f"eval.{row.split(':')[0]}.{d}")
-            r = evaluate_blocks(model, self.eval_blocks[d], int(self.cfg.eval.batch_size), self.accelerator)
+            r = evaluate_blocks(model, self.eval_blocks[d], int(self.cfg.eval.batch_size), self.accelerator,
+                                compile=bool(self.cfg.eval.get("compile", False)))
             out["ppl"][d], out["loss"][d], out["eval_tokens"][d] = r.ppl, r.loss, r.tokens
         out["eval_seconds"] = round(time.perf_counter() - t0, 3)
         harness_cfg = self.cfg.eval.get("harness")

@@ -20,8 +20,12 @@ def bench(tmp_path_factory):
     from gain_cli.bench import bench_settings, run_bench
 
     out = tmp_path_factory.mktemp("bench")
+    from gain_cli.models.compiling import compile_unavailable
+
+    can_compile = compile_unavailable("cpu") is None
     s = bench_settings("tiny", train_steps=4, warmup_steps=1, eval_windows=8, boolq_items=12, infer_repeats=2,
-                       probe_repeats=1, threads=1)
+                       probe_repeats=1, threads=1, train_compile_methods=("gain_ffn",) if can_compile else (),
+                       eval_compile=can_compile)
     result = run_bench("tiny", out, repeats=1, settings=s, log=lambda msg: None)
     return out, result
 
@@ -70,6 +74,21 @@ def test_our_loop_and_the_trainer_reach_the_same_losses(bench):
         assert row["loss_steps_compared"] == result["training"]["steps"], m
         assert row["loss_max_rel_diff"] <= LOSS_RTOL, (m, row["losses_ours"], row["losses_trainer"])
         assert row["heldout_rel_diff"] <= LOSS_RTOL, (m, row["heldout_loss_ours"], row["heldout_loss_trainer"])
+
+
+def test_compiled_variants_compute_what_eager_computes(bench):
+    _, result = bench
+    if "training_compiled" not in result:
+        pytest.skip("torch.compile cannot build CPU kernels on this machine")
+    row = result["training_compiled"]["methods"]["gain_ffn"]
+    eager = result["training"]["methods"]["gain_ffn"]
+    # both sides compiled: the Trainer's torch_compile and our train.compile reach the same losses, which are the eager ones
+    assert row["loss_max_rel_diff"] <= 1e-4, (row["losses_ours"], row["losses_trainer"])
+    assert row["losses_ours"] == pytest.approx(eager["losses_ours"], rel=1e-4)
+    assert row["final_loss_rel_diff_vs_eager"] <= 1e-4
+    assert row["steady_ours_tokens_per_s"] > 0 and row["ours_overhead_seconds"] >= 0
+    compiled = result["perplexity"]["fp32_compiled"]
+    assert compiled["nll_rel_diff_vs_fp32"] <= 1e-5 and compiled["ours_compile_seconds"] >= 0
 
 
 def test_perplexity_windows_match_lm_eval(bench):

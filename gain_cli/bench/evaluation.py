@@ -16,6 +16,7 @@ and the per-item choices compared (lm-eval's per-sample log-likelihoods, argmax 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -103,13 +104,16 @@ def bench_perplexity(model, tokenizer, stream, s, repeats: int, log=print) -> di
         "nll_rel_diff_total": abs(sum(ours_nll) + sum(lm_ll)) / max(abs(sum(lm_ll)), 1e-12),
         "ppl_ours": float(torch.tensor(sum(ours_nll) / tokens).exp()),
     }
-    variants = [("fp32", None)] + ([("bf16", torch.bfloat16)] if s.eval_bf16 else [])
-    for name, dt in variants:
+    variants = ([("fp32", None, False)] + ([("bf16", torch.bfloat16, False)] if s.eval_bf16 else [])
+                + ([("fp32_compiled", None, True)] if s.eval_compile else []))
+    for name, dt, compiled in variants:
         lm_v = lm if dt is None else bench_lm(model, tokenizer, s.eval_batch, max_length=s.eval_seq, dtype=dt)
-        evaluate_blocks(model, blocks[: s.eval_batch], s.eval_batch, autocast_dtype=dt)  # warm-up
+        t0 = time.perf_counter()
+        evaluate_blocks(model, blocks[: s.eval_batch], s.eval_batch, autocast_dtype=dt, compile=compiled)  # warm-up
+        warmup_seconds = time.perf_counter() - t0
         lm_v.loglikelihood_rolling(rolling_requests(texts[: s.eval_batch]))
         res = interleaved({
-            "ours": lambda dt=dt: evaluate_blocks(model, blocks, s.eval_batch, autocast_dtype=dt),
+            "ours": lambda dt=dt, c=compiled: evaluate_blocks(model, blocks, s.eval_batch, autocast_dtype=dt, compile=c),
             "lm_eval": lambda lm_v=lm_v: lm_v.loglikelihood_rolling(reqs),
         }, repeats)
         o = [tokens / t for t, _ in res["ours"]]
@@ -118,11 +122,14 @@ def bench_perplexity(model, tokenizer, stream, s, repeats: int, log=print) -> di
                "ratio": round(paired_ratio(o, e), 3), "ours_samples": [round(x, 1) for x in o],
                "lm_eval_samples": [round(x, 1) for x in e],
                "spread": {"ours": round(spread(o), 3), "lm_eval": round(spread(e), 3)}}
-        if dt is not None:
+        if name != "fp32":
             nll_dt = res["ours"][0][1].nll_sum
             row["nll_rel_diff_vs_fp32"] = abs(nll_dt - sum(ours_nll)) / max(abs(sum(ours_nll)), 1e-12)
             lm_dt = -sum(res["lm_eval"][0][1])
             row["lm_eval_nll_rel_diff_vs_fp32"] = abs(lm_dt - sum(ours_nll)) / max(abs(sum(ours_nll)), 1e-12)
+        if compiled:  # the first sweep's compile, beyond the time a warm-up batch takes
+            row["ours_compile_seconds"] = round(max(0.0, warmup_seconds - s.eval_batch * (blocks.shape[1] - 1)
+                                                    / row["ours_tokens_per_s"]), 1)
         out[name] = row
         log(f"  perplexity {name}: ours {row['ours_tokens_per_s']:.0f} tok/s, lm-eval {row['lm_eval_tokens_per_s']:.0f} tok/s")
     lm._model = None

@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 
 from gain_cli.bench.settings import BenchSettings, bench_settings
 from gain_cli.errors import GainError
+from gain_cli.models.compiling import require_compile
 
 TARGETS = {"training_ratio_min": 1.2, "perplexity_ratio_min": 1.5, "merged_inference_ratio_max": 1.02}
 SMOLLM2_INLINE = {"name": "smollm2-135m", "source": "smollm2", "path": None, "revision": None, "tokenizer": None,
@@ -110,25 +112,26 @@ def _run(s: BenchSettings, out: Path, repeats: int, console, log) -> dict[str, A
 
     log("training: our loop vs the Hugging Face Trainer")
     result["training"] = bench_training(model, spec, method_cfgs, train_blocks, heldout, s, repeats, probe, log=log)
+    eager = result["training"]["methods"]
     bf16_methods = {m: c for m, c in method_cfgs.items() if m in s.train_bf16_methods}
     if bf16_methods:
         log("training under bf16 autocast (both sides)")
-        from dataclasses import replace
-
-        s16 = replace(s, mixed_precision="bf16")
         probe16 = MatmulProbe(model, s.train_batch * s.train_seq, torch.bfloat16, seed=s.seed)
-        t16 = bench_training(model, spec, bf16_methods, train_blocks, heldout, s16, repeats, probe16, log=log)
-        for m, row in t16["methods"].items():
-            fp32 = result["training"]["methods"][m]
-            row["speedup_over_fp32_ours"] = round(row["ours_tokens_per_s"] / fp32["ours_tokens_per_s"], 3)
-            row["final_loss_rel_diff_vs_fp32"] = abs(row["ours_final_loss"] - fp32["ours_final_loss"]) / fp32["ours_final_loss"]
-            row["heldout_rel_diff_vs_fp32"] = abs(row["heldout_loss_ours"] - fp32["heldout_loss_ours"]) / fp32["heldout_loss_ours"]
-        result["training_bf16"] = t16
+        result["training_bf16"] = bench_training(model, spec, bf16_methods, train_blocks, heldout,
+                                                 replace(s, mixed_precision="bf16"), repeats, probe16, log=log)
+        _compare_to_eager(result["training_bf16"], eager)
+    compile_methods = {m: c for m, c in method_cfgs.items() if m in s.train_compile_methods}
+    if compile_methods:
+        log("training with the model compiled (both sides: train.compile / the Trainer's torch_compile)")
+        require_compile("cpu", "bench train_compile")
+        result["training_compiled"] = bench_training(model, spec, compile_methods, train_blocks, heldout,
+                                                     replace(s, train_compile=True), repeats, probe, log=log)
+        _compare_to_eager(result["training_compiled"], eager)
     log("evaluation: perplexity sweep vs lm-eval rolling log-likelihood")
     val_stream = data.stream(s.domain, "validation")
     result["perplexity"] = bench_perplexity(model, tokenizer, val_stream, s, repeats, log=log)
     ev_fpt = flops_per_token(model, s.eval_seq, training=False)["total"]
-    for key in ("fp32", "bf16"):
+    for key in ("fp32", "bf16", "fp32_compiled"):
         row = result["perplexity"].get(key)
         if row:
             row["ours_gflops_per_s"] = round(row["ours_tokens_per_s"] * ev_fpt / 1e9, 2)
@@ -152,6 +155,23 @@ def _run(s: BenchSettings, out: Path, repeats: int, console, log) -> dict[str, A
     (out / "bench.md").write_text(markdown_table(result), encoding="utf-8")
     print_bench(result, console)
     return result
+
+
+def _compare_to_eager(variant: dict[str, Any], eager: dict[str, Any]) -> None:
+    """Add to each row of a training variant (bf16, compiled) its speed and loss against our eager fp32 run, and for
+    a variant that costs more up front (compiling) the number of steps after which it has paid for itself."""
+    for m, row in variant["methods"].items():
+        base = eager[m]
+        row["speedup_over_eager_ours"] = round(row["ours_tokens_per_s"] / base["ours_tokens_per_s"], 3)
+        row["steady_speedup_over_eager_ours"] = round(row["steady_ours_tokens_per_s"] / base["steady_ours_tokens_per_s"], 3)
+        row["final_loss_rel_diff_vs_eager"] = abs(row["ours_final_loss"] - base["ours_final_loss"]) / base["ours_final_loss"]
+        row["heldout_rel_diff_vs_eager"] = abs(row["heldout_loss_ours"] - base["heldout_loss_ours"]) / base["heldout_loss_ours"]
+        # the one-off cost is what the first run in a process pays (the warm-up run: compiling, kernel choice)
+        tokens_per_step = variant["batch"] * variant["seq_len"]
+        saved = tokens_per_step / base["steady_ours_tokens_per_s"] - tokens_per_step / row["steady_ours_tokens_per_s"]
+        extra = (row["ours_warmup_seconds"] or 0.0) - (base["ours_warmup_seconds"] or 0.0)
+        row["first_run_extra_seconds"] = round(extra, 2)
+        row["break_even_steps"] = max(0, round(extra / saved)) if saved > 0 else None
 
 
 def targets_met(r: dict[str, Any]) -> dict[str, bool]:
@@ -179,8 +199,15 @@ def bench_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                      f"steady state {v['steady_ratio']:.2f}×"))
     for m, v in (r.get("training_bf16") or {}).get("methods", {}).items():
         rows.append((f"train {m} bf16 tok/s", f"{v['ours_tokens_per_s']:,.0f}", f"{v['trainer_tokens_per_s']:,.0f}",
-                     f"{v['ratio']:.2f}×", f"{v['speedup_over_fp32_ours']:.2f}× our fp32; loss vs fp32 rel Δ "
-                                           f"{v['final_loss_rel_diff_vs_fp32']:.0e}"))
+                     f"{v['ratio']:.2f}×", f"{v['speedup_over_eager_ours']:.2f}× our fp32; loss vs fp32 rel Δ "
+                                           f"{v['final_loss_rel_diff_vs_eager']:.0e}"))
+    for m, v in (r.get("training_compiled") or {}).get("methods", {}).items():
+        pays = "never pays here" if v["break_even_steps"] is None else f"pays after {v['break_even_steps']} steps"
+        rows.append((f"train {m} compiled tok/s, steady", f"{v['steady_ours_tokens_per_s']:,.0f}",
+                     f"{v['steady_trainer_tokens_per_s']:,.0f}", f"{v['steady_ratio']:.2f}×",
+                     f"both compiled; {v['steady_speedup_over_eager_ours']:.2f}× our eager steps; first compile in "
+                     f"the process +{v['first_run_extra_seconds']:.0f} s, {pays}; "
+                     f"loss vs eager rel Δ {v['final_loss_rel_diff_vs_eager']:.0e}"))
     for m, v in tr["methods"].items():
         fpt = v["flops_per_token"]
         rows.append((f"MFU {m}", f"{100 * v['ours_mfu']:.0f}%", f"{100 * v['trainer_mfu']:.0f}%", "",
@@ -194,13 +221,15 @@ def bench_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                      f"FLOP/token ratio {f['flops_per_token']['total'] / g['flops_per_token']['total']:.2f}× "
                      "(frozen weights: no weight-grads, tiny optimiser)"))
     pp = r["perplexity"]
-    for key in ("fp32", "bf16"):
+    for key in ("fp32", "bf16", "fp32_compiled"):
         if key in pp:
             v = pp[key]
             check = (f"NLL per window Δ ≤ {pp['nll_max_abs_diff_per_window']:.0e}" if key == "fp32"
                      else f"NLL vs fp32 rel Δ {v['nll_rel_diff_vs_fp32']:.0e}")
-            rows.append((f"perplexity {key} tok/s", f"{v['ours_tokens_per_s']:,.0f}", f"{v['lm_eval_tokens_per_s']:,.0f}",
-                         f"{v['ratio']:.2f}×", check))
+            if key == "fp32_compiled":
+                check += f"; lm-eval eager (it has no compile option); one-off {v['ours_compile_seconds']:.0f} s"
+            rows.append((f"perplexity {key.replace('_', ' ')} tok/s", f"{v['ours_tokens_per_s']:,.0f}",
+                         f"{v['lm_eval_tokens_per_s']:,.0f}", f"{v['ratio']:.2f}×", check))
     b = r["boolq"]
     rows.append(("BoolQ tok/s", f"{b['ours_tokens_per_s']:,.0f}", f"{b['lm_eval_tokens_per_s']:,.0f}",
                  f"{b['ratio']:.2f}×", f"same choices: {b['choices_equal']} ({b['items']} items)"))

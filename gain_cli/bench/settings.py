@@ -37,11 +37,14 @@ class BenchSettings:
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"    # the precision both sides train in (Accelerate / Trainer bf16)
     train_bf16_methods: tuple[str, ...] = ()  # also compare these methods with both sides under bf16 autocast
+    train_compile: bool = False    # both sides torch.compile the model (our train.compile / the Trainer's torch_compile)
+    train_compile_methods: tuple[str, ...] = ()  # also compare these methods with both sides compiled
     # evaluation: perplexity windows and BoolQ
     eval_seq: int = 64             # tokens per window (our block length; lm-eval's max_length)
     eval_windows: int = 16
     eval_batch: int = 8
     eval_bf16: bool = False        # also time both sweeps under bf16 autocast (same precision on both sides)
+    eval_compile: bool = False     # also time our sweep with eval.compile (lm-eval has no compile option: eager)
     boolq_items: int | None = None  # None: every item of the packaged BoolQ file
     boolq_batch: int = 8
     # inference: one forward of a batch
@@ -67,7 +70,8 @@ def bench_settings(size: str, **changes: Any) -> BenchSettings:
     elif size == "smollm2":
         base = BenchSettings(size="smollm2", model="smollm2-135m",
                              train_steps=4, train_batch=4, train_seq=128, eval_seq=128, eval_windows=16, eval_batch=8,
-                             eval_bf16=True, train_bf16_methods=("gain_ffn",), infer_batch=4, infer_seq=128,
+                             eval_bf16=True, train_bf16_methods=("gain_ffn",), eval_compile=True,
+                             train_compile_methods=("gain_ffn",), infer_batch=4, infer_seq=128,
                              infer_repeats=3, probe_repeats=5)
     else:
         raise GainError(f"unknown bench size '{size}' (valid: {', '.join(SIZES)})")

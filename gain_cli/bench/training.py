@@ -41,7 +41,7 @@ class OrderedBlocks(torch.utils.data.Dataset):
 def train_cfg(s, steps: int) -> dict[str, Any]:
     return {"steps": steps, "batch_size": s.train_batch, "grad_accum": 1, "seq_len": s.train_seq,
             "schedule": s.schedule, "warmup_ratio": s.lr_warmup_ratio, "max_grad_norm": s.max_grad_norm,
-            "mixed_precision": s.mixed_precision, "log_every": 10**9}
+            "mixed_precision": s.mixed_precision, "log_every": 10**9, "compile": s.train_compile}
 
 
 def fresh(base_model, method_cfg: dict, spec, seed: int):
@@ -121,7 +121,7 @@ def run_trainer(model, method, rows: torch.Tensor, s, steps: int, workdir: Path)
             bf16=s.mixed_precision == "bf16", fp16=s.mixed_precision == "fp16",
             logging_strategy="steps", logging_steps=1, save_strategy="no", eval_strategy="no", report_to=[],
             dataloader_num_workers=0, dataloader_pin_memory=False, train_sampling_strategy="sequential",
-            remove_unused_columns=False, disable_tqdm=True, use_cpu=True, seed=s.seed)
+            remove_unused_columns=False, disable_tqdm=True, use_cpu=True, seed=s.seed, torch_compile=s.train_compile)
         timer = _step_timer()
         trainer = Trainer(model=model, args=args, train_dataset=OrderedBlocks(rows), callbacks=[timer])
         trainer.remove_callback(PrinterCallback)  # with disable_tqdm it prints every log line
@@ -161,11 +161,12 @@ def bench_training(base_model, spec, method_cfgs: dict[str, dict], blocks: torch
         workdir = Path(tmp)
         samples: dict[str, dict[str, list]] = {m: {"ours": [], "trainer": []} for m in method_cfgs}
         flops: dict[str, dict] = {}
-        for name, mcfg in method_cfgs.items():  # untimed warm-up of both sides (first-use kernel selection, imports)
+        warmup_seconds: dict[str, float] = {}
+        for name, mcfg in method_cfgs.items():  # warm-up of both sides (first-use kernel selection, imports, compiles)
             if s.warmup_steps > 0:
                 m, meth = fresh(base_model, mcfg, spec, s.seed)
                 flops[name] = flops_per_token(m, s.train_seq, training=True)
-                run_ours(m, meth, blocks, s, s.warmup_steps)
+                warmup_seconds[name] = run_ours(m, meth, blocks, s, s.warmup_steps)["seconds"]
                 m, meth = fresh(base_model, mcfg, spec, s.seed)
                 run_trainer(m, meth, trainer_rows(blocks, s, s.warmup_steps), s, s.warmup_steps, workdir)
                 del m, meth
@@ -201,6 +202,8 @@ def bench_training(base_model, spec, method_cfgs: dict[str, dict], blocks: torch
             t_rates = [x["tokens_per_s"] for x in tr]
             fpt = flops[name]["total"]
             o_losses, t_losses = ours[0]["losses"], tr[0]["losses"]
+            # one-off cost of a run beyond its steady steps (set-up, first-step kernel choice, compiling)
+            o_overhead = median([x["seconds"] - steps * median(x["step_seconds"]) for x in ours if x["step_seconds"]] or [0.0])
             step_diffs = [rel_diff(a, b) for a, b in zip(o_losses, t_losses)]
             results[name] = {
                 "ours_tokens_per_s": round(median(o_rates), 1),
@@ -213,6 +216,8 @@ def bench_training(base_model, spec, method_cfgs: dict[str, dict], blocks: torch
                 "steady_trainer_tokens_per_s": round(median([x["steady_tokens_per_s"] for x in tr]), 1),
                 "steady_ratio": round(paired_ratio([x["steady_tokens_per_s"] for x in ours],
                                                    [x["steady_tokens_per_s"] for x in tr]), 3),
+                "ours_overhead_seconds": round(o_overhead, 2),
+                "ours_warmup_seconds": round(warmup_seconds[name], 2) if name in warmup_seconds else None,
                 "ours_final_loss": o_losses[-1],
                 "trainer_final_loss": t_losses[-1],
                 "loss_steps_compared": len(step_diffs),
@@ -232,4 +237,4 @@ def bench_training(base_model, spec, method_cfgs: dict[str, dict], blocks: torch
     return {"methods": results, "peak_samples_gflops": [round(p / 1e9, 2) for p in peaks],
             "peak_gflops": round(median(peaks) / 1e9, 2), "steps": steps, "batch": s.train_batch,
             "seq_len": s.train_seq, "tokens_per_run": steps * s.train_batch * s.train_seq,
-            "mixed_precision": s.mixed_precision}
+            "mixed_precision": s.mixed_precision, "compiled": s.train_compile}

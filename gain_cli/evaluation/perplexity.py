@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from gain_cli.evaluation.harness import model_device
+from gain_cli.models.compiling import maybe_compile
 from gain_cli.models.kv_cache import no_kv_cache
 
 
@@ -48,18 +49,26 @@ def block_nll(model, ids: torch.Tensor, autocast_dtype: torch.dtype | None = Non
 
 @torch.inference_mode()
 def evaluate_blocks(model, blocks: torch.Tensor, batch_size: int, accelerator=None,
-                    autocast_dtype: torch.dtype | None = None) -> PplResult:
+                    autocast_dtype: torch.dtype | None = None, compile: bool = False) -> PplResult:
+    """Token-weighted NLL of ``blocks``; with ``compile`` the forward is ``torch.compile``d and a short last batch
+    is filled up with copies of the last block (scored, then dropped) so that every forward has one shape."""
     was_training = model.training
     model.eval()
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     shard = blocks[rank::world]
     device = model_device(model)
+    forward = maybe_compile(model, compile, device, "eval.compile")
     nll = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
+    n_real = shard.shape[0]
+    if compile and n_real:
+        # one shape for every forward; built here (an inference tensor) for every sweep, so that dynamo's guards
+        # on the input also never tell the batches of two sweeps apart
+        shard = torch.cat([shard, shard[-1:].expand(-n_real % batch_size, -1)])
     with no_kv_cache(model):
         for start in range(0, shard.shape[0], batch_size):
             ids = shard[start:start + batch_size].to(device)
-            per_token = block_nll(model, ids, autocast_dtype)
+            per_token = block_nll(forward, ids, autocast_dtype)[: n_real - start]
             nll += per_token.double().sum()
             count += per_token.numel()
     if world > 1:

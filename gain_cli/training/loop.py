@@ -2,7 +2,7 @@
 
 AdamW over the method's trainable parameters (its own learning rate), warm-up then cosine /
 linear / constant schedule, gradient accumulation, gradient clipping, mixed precision via
-Accelerate, seeded data order. Data: packed training blocks of the stage's domain, shuffled
+Accelerate, seeded data order, optionally a ``torch.compile``d forward (``train.compile``). Data: packed training blocks of the stage's domain, shuffled
 with a generator seeded by (seed, stage) and sharded across processes batch by batch.
 """
 
@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from gain_cli.errors import GainError
+from gain_cli.models.compiling import maybe_compile
 from gain_cli.models.kv_cache import no_kv_cache
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -98,6 +99,7 @@ def train_stage(model, method, blocks: torch.Tensor, train_cfg, *, seed: int, st
     # The scheduler is stepped by hand once per optimiser step (Accelerate's wrapper would step it
     # once per process).
     pmodel, optimizer = accelerator.prepare(model, optimizer)
+    forward = maybe_compile(pmodel, bool(train_cfg.get("compile", False)), accelerator.device, "train.compile")
     params = [p for g in groups for p in g["params"]]
     max_norm = train_cfg.get("max_grad_norm")
     log_every = max(1, int(train_cfg.get("log_every", 10)))
@@ -113,7 +115,7 @@ def train_stage(model, method, blocks: torch.Tensor, train_cfg, *, seed: int, st
                 with accelerator.accumulate(pmodel):
                     # only the loss is kept: the output's full-vocabulary logits are freed right after the forward
                     # instead of living on through the backward and into the next step's forward
-                    loss = pmodel(input_ids=ids, labels=ids).loss
+                    loss = forward(input_ids=ids, labels=ids).loss
                     reg = method.regularization(model)
                     if reg is not None:
                         loss = loss + reg
