@@ -20,13 +20,20 @@ def bench(tmp_path_factory):
     from gain_cli.bench import bench_settings, run_bench
 
     out = tmp_path_factory.mktemp("bench")
+    import os
+
     from gain_cli.models.compiling import compile_unavailable
 
+    env_before = dict(os.environ)
     can_compile = compile_unavailable("cpu") is None
     s = bench_settings("tiny", train_steps=4, warmup_steps=1, eval_windows=8, boolq_items=12, infer_repeats=2,
                        probe_repeats=1, threads=1, train_compile_methods=("gain_ffn",) if can_compile else (),
                        eval_compile=can_compile)
     result = run_bench("tiny", out, repeats=1, settings=s, log=lambda msg: None)
+    # nothing the benchmark ran (the Trainer with torch_compile=True exports ACCELERATE_DYNAMO_BACKEND) may change
+    # how later runs of this process and its subprocesses train
+    assert {k: v for k, v in os.environ.items() if k.startswith("ACCELERATE")} == \
+        {k: v for k, v in env_before.items() if k.startswith("ACCELERATE")}
     return out, result
 
 

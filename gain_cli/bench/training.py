@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import tempfile
 import time
 import warnings
@@ -52,6 +53,24 @@ def fresh(base_model, method_cfg: dict, spec, seed: int):
     torch.manual_seed(seed)
     model = method.attach(copy.deepcopy(base_model))
     return model, method
+
+
+@contextlib.contextmanager
+def _trainer_leaves_no_state():
+    """Undo what the Trainer leaves behind in the process. With ``torch_compile=True`` TrainingArguments exports
+    ACCELERATE_DYNAMO_BACKEND/_MODE into ``os.environ`` and its Accelerator stores a dynamo plugin in Accelerate's
+    process-wide state; either would make every later Accelerator of the process (or, for the environment, of
+    its subprocesses) compile the models it prepares."""
+    from accelerate.state import AcceleratorState
+
+    before = dict(os.environ)
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(before):
+            del os.environ[key]
+        os.environ.update(before)
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @contextlib.contextmanager
@@ -110,7 +129,7 @@ def run_trainer(model, method, rows: torch.Tensor, s, steps: int, workdir: Path)
     group = method.optimizer_groups(model)[0]
     warmup = int(round(s.lr_warmup_ratio * steps))  # as gain_cli.training.loop.make_scheduler
     t0 = time.perf_counter()
-    with _quiet_transformers(), warnings.catch_warnings():
+    with _trainer_leaves_no_state(), _quiet_transformers(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers' own deprecations inside Trainer.train
         args = TrainingArguments(
             output_dir=str(workdir), max_steps=steps, per_device_train_batch_size=s.train_batch,
