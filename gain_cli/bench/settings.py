@@ -71,7 +71,7 @@ def bench_settings(size: str, **changes: Any) -> BenchSettings:
         base = BenchSettings(size="smollm2", model="smollm2-135m",
                              train_steps=4, train_batch=4, train_seq=128, eval_seq=128, eval_windows=16, eval_batch=8,
                              eval_bf16=True, train_bf16_methods=("gain_ffn",), eval_compile=True,
-                             train_compile_methods=("gain_ffn",), infer_batch=4, infer_seq=128,
+                             train_compile_methods=METHODS, infer_batch=4, infer_seq=128,
                              infer_repeats=3, probe_repeats=5)
     else:
         raise GainError(f"unknown bench size '{size}' (valid: {', '.join(SIZES)})")
