@@ -142,3 +142,17 @@ def test_paired_ratio_cancels_a_first_run_cost():
     assert paired_ratio(a[:3], b[:3]) == pytest.approx(1.5, rel=1e-12)  # the unpaired third repeat is left out
     assert paired_ratio(a[:1], b[:1]) == pytest.approx(0.8 * 1.5)       # one repeat: its own ratio
     assert paired_ratio([3.0, 1.0, 2.0, 2.0, 9.0, 1.0], [1.0] * 6) == pytest.approx(2.0)  # median of √3, 2, 3
+
+
+def test_without_a_compiler_the_compiled_rows_are_skipped_not_fatal(monkeypatch):
+    from gain_cli.bench import bench_settings
+    from gain_cli.bench.runner import skip_uncompilable
+    from gain_cli.models import compiling
+
+    s = bench_settings("tiny", train_compile_methods=("gain_ffn",), eval_compile=True)
+    monkeypatch.setattr(compiling.shutil, "which", lambda *_: None)
+    logs = []
+    kept, why = skip_uncompilable(s, logs.append)
+    assert kept.train_compile_methods == () and kept.eval_compile is False and kept.train_steps == s.train_steps
+    assert "no C++ compiler" in why and "compiled rows skipped" in logs[0]
+    assert skip_uncompilable(bench_settings("tiny"), logs.append) == (bench_settings("tiny"), None)  # nothing asked

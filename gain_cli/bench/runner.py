@@ -14,7 +14,7 @@ import torch
 
 from gain_cli.bench.settings import BenchSettings, bench_settings
 from gain_cli.errors import GainError
-from gain_cli.models.compiling import require_compile
+from gain_cli.models.compiling import compile_unavailable
 
 TARGETS = {"training_ratio_min": 1.2, "perplexity_ratio_min": 1.5, "merged_inference_ratio_max": 1.02}
 SMOLLM2_INLINE = {"name": "smollm2-135m", "source": "smollm2", "path": None, "revision": None, "tokenizer": None,
@@ -79,6 +79,7 @@ def _run(s: BenchSettings, out: Path, repeats: int, console, log) -> dict[str, A
     from gain_cli.data.domains import DomainData, ensure_domains
     from gain_cli.models.loading import load_model, model_spec
 
+    s, why = skip_uncompilable(s, log)
     model_cfg, domains_cfg, method_cfgs, cache_dir = _configs(s)
     domains_cfg["sequence"] = [s.domain]
     domains = ensure_domains(domains_cfg, cache_dir, log=log)
@@ -105,6 +106,7 @@ def _run(s: BenchSettings, out: Path, repeats: int, console, log) -> dict[str, A
         "model": {"name": model_cfg["name"], "parameters": sum(p.numel() for p in model.parameters()),
                   "model_type": model.config.model_type},
         "targets": TARGETS,
+        "compiled_rows_skipped": why,
     }
     probe_dtype = torch.bfloat16 if s.mixed_precision == "bf16" else torch.float32
     probe = MatmulProbe(model, s.train_batch * s.train_seq, probe_dtype, seed=s.seed)
@@ -123,7 +125,6 @@ def _run(s: BenchSettings, out: Path, repeats: int, console, log) -> dict[str, A
     compile_methods = {m: c for m, c in method_cfgs.items() if m in s.train_compile_methods}
     if compile_methods:
         log("training with the model compiled (both sides: train.compile / the Trainer's torch_compile)")
-        require_compile("cpu", "bench train_compile")
         result["training_compiled"] = bench_training(model, spec, compile_methods, train_blocks, heldout,
                                                      replace(s, train_compile=True), repeats, probe, log=log)
         _compare_to_eager(result["training_compiled"], eager)
@@ -155,6 +156,16 @@ def _run(s: BenchSettings, out: Path, repeats: int, console, log) -> dict[str, A
     (out / "bench.md").write_text(markdown_table(result), encoding="utf-8")
     print_bench(result, console)
     return result
+
+
+def skip_uncompilable(s: BenchSettings, log) -> tuple[BenchSettings, str | None]:
+    """(settings, None), or without torch.compile's CPU toolchain the settings minus the compiled rows and why:
+    the benchmark is still worth running without them."""
+    why = compile_unavailable("cpu") if (s.train_compile_methods or s.eval_compile) else None
+    if why is None:
+        return s, None
+    log(f"bench {s.size}: compiled rows skipped: torch.compile cannot build CPU kernels here ({why})")
+    return replace(s, train_compile_methods=(), eval_compile=False), why
 
 
 def _compare_to_eager(variant: dict[str, Any], eager: dict[str, Any]) -> None:
