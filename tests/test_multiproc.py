@@ -60,8 +60,8 @@ def _single(method: str, rd: Path) -> Path:
     return rd
 
 
-def _two_processes(method: str, how: str, rd: Path) -> Path:
-    args = [*COMMON, f"method={method}", f"train.batch_size={PER_PROCESS_BATCH}", f"run_dir={rd}"]
+def _two_processes(method: str, how: str, rd: Path, extra: tuple[str, ...] = ()) -> Path:
+    args = [*COMMON, f"method={method}", f"train.batch_size={PER_PROCESS_BATCH}", f"run_dir={rd}", *extra]
     if how == "launcher":  # gain's own relaunch (launcher=accelerate_cpu2), for real
         from gain_cli.launcher import maybe_relaunch
 
@@ -129,6 +129,22 @@ def test_two_processes_give_the_one_process_checkpoints(pairs, method, atol):
         m2 = json.loads((two / "stages" / f"stage_{k}" / "metrics.json").read_text())["train"]
         assert m1["tokens"] == m2["tokens"] == 8 * 2 * PER_PROCESS_BATCH * 64  # same global batch
         assert m1["losses"] == pytest.approx(m2["losses"], rel=1e-5, abs=1e-6)  # loss averaged over processes
+
+
+@pytest.mark.multiproc
+def test_two_compiled_processes_give_the_one_process_eager_matrix(pairs, tmp_path):
+    """train.compile / eval.compile under DDP (torch.compile of the DDP-wrapped model, gloo): same matrix."""
+    from gain_cli.models.compiling import compile_unavailable
+
+    why = compile_unavailable("cpu")
+    if why is not None:
+        pytest.skip(f"torch.compile cannot build CPU kernels here: {why}")
+    one = pairs["gain_ffn"][0]
+    two = _two_processes("gain_ffn", "torchrun", tmp_path / "two_compiled", ("train.compile=true", "eval.compile=true"))
+    m1, m2 = _matrix(one), _matrix(two)
+    for r1, r2 in zip(m1["values"], m2["values"]):
+        for a, b in zip(r1, r2):
+            assert abs(a - b) <= 1e-4 * abs(a), (m1["values"], m2["values"])
 
 
 @pytest.mark.multiproc
