@@ -16,13 +16,12 @@ and the per-item choices compared (lm-eval's per-sample log-likelihoods, argmax 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from gain_cli.bench.timing import interleaved, median, paired_ratio, spread
+from gain_cli.bench.timing import interleaved, median, paired_ratio, rel_diff, spread, timed
 
 
 def bench_lm(model, tokenizer, batch_size: int, max_length: int | None = None, dtype: torch.dtype | None = None):
@@ -84,6 +83,14 @@ def per_window_nll(model, blocks: torch.Tensor, batch_size: int, autocast_dtype=
     return out
 
 
+def rates_vs_lm_eval(ours: list[float], lm_eval: list[float]) -> dict[str, Any]:
+    """Medians, the order-balanced ratio, the samples and their spread of our rates against lm-eval's."""
+    return {"ours_tokens_per_s": round(median(ours), 1), "lm_eval_tokens_per_s": round(median(lm_eval), 1),
+            "ratio": round(paired_ratio(ours, lm_eval), 3), "ours_samples": [round(x, 1) for x in ours],
+            "lm_eval_samples": [round(x, 1) for x in lm_eval],
+            "spread": {"ours": round(spread(ours), 3), "lm_eval": round(spread(lm_eval), 3)}}
+
+
 def bench_perplexity(model, tokenizer, stream, s, repeats: int, log=print) -> dict[str, Any]:
     from gain_cli.evaluation.perplexity import evaluate_blocks
 
@@ -101,32 +108,24 @@ def bench_perplexity(model, tokenizer, stream, s, repeats: int, log=print) -> di
         "batch_size": s.eval_batch, "skipped_blocks_not_roundtripping": skipped,
         "nll_sum_ours": sum(ours_nll), "nll_sum_lm_eval": -sum(lm_ll),
         "nll_max_abs_diff_per_window": max(diffs),
-        "nll_rel_diff_total": abs(sum(ours_nll) + sum(lm_ll)) / max(abs(sum(lm_ll)), 1e-12),
+        "nll_rel_diff_total": rel_diff(sum(ours_nll), -sum(lm_ll)),
         "ppl_ours": float(torch.tensor(sum(ours_nll) / tokens).exp()),
     }
     variants = ([("fp32", None, False)] + ([("bf16", torch.bfloat16, False)] if s.eval_bf16 else [])
                 + ([("fp32_compiled", None, True)] if s.eval_compile else []))
     for name, dt, compiled in variants:
         lm_v = lm if dt is None else bench_lm(model, tokenizer, s.eval_batch, max_length=s.eval_seq, dtype=dt)
-        t0 = time.perf_counter()
-        evaluate_blocks(model, blocks[: s.eval_batch], s.eval_batch, autocast_dtype=dt, compile=compiled)  # warm-up
-        warmup_seconds = time.perf_counter() - t0
+        warmup_seconds, _ = timed(lambda: evaluate_blocks(model, blocks[: s.eval_batch], s.eval_batch,
+                                                          autocast_dtype=dt, compile=compiled))
         lm_v.loglikelihood_rolling(rolling_requests(texts[: s.eval_batch]))
         res = interleaved({
             "ours": lambda dt=dt, c=compiled: evaluate_blocks(model, blocks, s.eval_batch, autocast_dtype=dt, compile=c),
             "lm_eval": lambda lm_v=lm_v: lm_v.loglikelihood_rolling(reqs),
         }, repeats)
-        o = [tokens / t for t, _ in res["ours"]]
-        e = [tokens / t for t, _ in res["lm_eval"]]
-        row = {"ours_tokens_per_s": round(median(o), 1), "lm_eval_tokens_per_s": round(median(e), 1),
-               "ratio": round(paired_ratio(o, e), 3), "ours_samples": [round(x, 1) for x in o],
-               "lm_eval_samples": [round(x, 1) for x in e],
-               "spread": {"ours": round(spread(o), 3), "lm_eval": round(spread(e), 3)}}
+        row = rates_vs_lm_eval([tokens / t for t, _ in res["ours"]], [tokens / t for t, _ in res["lm_eval"]])
         if name != "fp32":
-            nll_dt = res["ours"][0][1].nll_sum
-            row["nll_rel_diff_vs_fp32"] = abs(nll_dt - sum(ours_nll)) / max(abs(sum(ours_nll)), 1e-12)
-            lm_dt = -sum(res["lm_eval"][0][1])
-            row["lm_eval_nll_rel_diff_vs_fp32"] = abs(lm_dt - sum(ours_nll)) / max(abs(sum(ours_nll)), 1e-12)
+            row["nll_rel_diff_vs_fp32"] = rel_diff(res["ours"][0][1].nll_sum, sum(ours_nll))
+            row["lm_eval_nll_rel_diff_vs_fp32"] = rel_diff(-sum(res["lm_eval"][0][1]), sum(ours_nll))
         if compiled:  # the first sweep's compile, beyond the time a warm-up batch takes
             row["ours_compile_seconds"] = round(max(0.0, warmup_seconds - s.eval_batch * (blocks.shape[1] - 1)
                                                     / row["ours_tokens_per_s"]), 1)
@@ -176,12 +175,9 @@ def bench_boolq(model, tokenizer, s, repeats: int, workdir: Path, log=print) -> 
     acc_ours = sum(int(c == int(it["label"])) for c, it in zip(ours_choices, items)) / len(items)
     out = {
         "items": len(items), "tokens": tokens, "batch_size": s.boolq_batch,
-        "single_token_continuations": single,
-        "ours_tokens_per_s": round(median(o), 1), "lm_eval_tokens_per_s": round(median(e), 1),
-        "ratio": round(paired_ratio(o, e), 3),
+        "single_token_continuations": single, **rates_vs_lm_eval(o, e),
         "ours_items_per_s": round(median(o) * len(items) / tokens, 2),
         "lm_eval_items_per_s": round(median(e) * len(items) / tokens, 2),
-        "ours_samples": [round(x, 1) for x in o], "lm_eval_samples": [round(x, 1) for x in e],
         "choices_equal": ours_choices == lm_choices,
         "choices_differing": sum(int(a != b) for a, b in zip(ours_choices, lm_choices)),
         "acc_ours": acc_ours, "acc_lm_eval": acc_lm,

@@ -2,8 +2,8 @@
 
 The gains are set to a seeded random vector around 1 (``1 + 0.1·N(0, 1)``) so the merge actually changes the
 weights; the merged model's logits are checked against the wrapped model's. Forward passes (``inference_mode``)
-of the three models are interleaved (base, merged, wrapped, then the reverse order …) and each ratio is the
-median over repeats of per-repeat medians.
+of the three models are interleaved (``timing.interleaved``: base, merged, wrapped, then the reverse order …)
+and each ratio is the median over repeats of per-repeat medians.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from gain_cli.bench.timing import median
+from gain_cli.bench.timing import interleaved, median
 
 
 def _forward_time(model, ids: torch.Tensor, n: int) -> float:
@@ -47,11 +47,8 @@ def bench_inference(base_model, spec, method_cfg: dict, ids: torch.Tensor, s, re
     models = {"base": base, "merged": merged, "wrapped": wrapped}
     for m in models.values():  # warm-up
         _forward_time(m, ids, 1)
-    samples: dict[str, list[float]] = {k: [] for k in models}
-    names = list(models)
-    for r in range(repeats):
-        for k in (names if r % 2 == 0 else names[::-1]):
-            samples[k].append(_forward_time(models[k], ids, s.infer_repeats))
+    runs = interleaved({k: (lambda m=m: _forward_time(m, ids, s.infer_repeats)) for k, m in models.items()}, repeats)
+    samples = {k: [per_forward for _, per_forward in v] for k, v in runs.items()}  # median seconds per forward
     ratio = lambda k: median([a / b for a, b in zip(samples[k], samples["base"])])  # noqa: E731
     out = {
         "batch": int(ids.shape[0]), "seq_len": int(ids.shape[1]),

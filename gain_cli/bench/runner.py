@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from gain_cli.bench.settings import BenchSettings, bench_settings
+from gain_cli.bench.timing import rel_diff
 from gain_cli.errors import GainError
 from gain_cli.models.compiling import compile_unavailable
 
@@ -175,8 +176,8 @@ def _compare_to_eager(variant: dict[str, Any], eager: dict[str, Any]) -> None:
         base = eager[m]
         row["speedup_over_eager_ours"] = round(row["ours_tokens_per_s"] / base["ours_tokens_per_s"], 3)
         row["steady_speedup_over_eager_ours"] = round(row["steady_ours_tokens_per_s"] / base["steady_ours_tokens_per_s"], 3)
-        row["final_loss_rel_diff_vs_eager"] = abs(row["ours_final_loss"] - base["ours_final_loss"]) / base["ours_final_loss"]
-        row["heldout_rel_diff_vs_eager"] = abs(row["heldout_loss_ours"] - base["heldout_loss_ours"]) / base["heldout_loss_ours"]
+        row["final_loss_rel_diff_vs_eager"] = rel_diff(row["ours_final_loss"], base["ours_final_loss"])
+        row["heldout_rel_diff_vs_eager"] = rel_diff(row["heldout_loss_ours"], base["heldout_loss_ours"])
         # the one-off cost is what the first run in a process pays (the warm-up run: compiling, kernel choice)
         tokens_per_step = variant["batch"] * variant["seq_len"]
         saved = tokens_per_step / base["steady_ours_tokens_per_s"] - tokens_per_step / row["steady_ours_tokens_per_s"]

@@ -61,5 +61,6 @@ def paired_ratio(num: Sequence[float], den: Sequence[float]) -> float:
     return median([math.sqrt(ratios[i] * ratios[i + 1]) for i in range(0, len(ratios) - 1, 2)])
 
 
-def summary(rates: Sequence[float]) -> dict[str, Any]:
-    return {"median": round(median(rates), 3), "samples": [round(x, 3) for x in rates], "spread": round(spread(rates), 3)}
+def rel_diff(a: float, b: float) -> float:
+    """|a - b| / |b| (b the reference), guarded against b = 0."""
+    return abs(a - b) / max(abs(b), 1e-12)

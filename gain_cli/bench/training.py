@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from gain_cli.bench.timing import median, paired_ratio, spread
+from gain_cli.bench.timing import median, paired_ratio, rel_diff, spread
 
 
 class OrderedBlocks(torch.utils.data.Dataset):
@@ -159,10 +159,6 @@ def heldout_loss(model, batch: torch.Tensor) -> float:
     out = float(model(input_ids=batch, labels=batch).loss)
     model.train(was)
     return out
-
-
-def rel_diff(a: float, b: float) -> float:
-    return abs(a - b) / max(abs(b), 1e-12)
 
 
 def bench_training(base_model, spec, method_cfgs: dict[str, dict], blocks: torch.Tensor, heldout: torch.Tensor,
