@@ -32,8 +32,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# What a plain open() would create. mkstemp's temporary files are private (0600), and renaming one into place
+# would leave every result, cache and data file readable by its owner only.
+_FILE_MODE = 0o666 & ~_umask()
+
+
 def atomic_write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> Path:
-    """Call ``writer(tmp_path)`` then atomically move the result to ``path``."""
+    """Call ``writer(tmp_path)`` then atomically move the result to ``path`` (with the permissions a plain
+    ``open()`` gives a new file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -41,6 +53,7 @@ def atomic_write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -
     tmp_path = Path(tmp)
     try:
         writer(tmp_path)
+        os.chmod(tmp_path, _FILE_MODE)
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         faults.point(f"write:{path.name}")

@@ -186,6 +186,15 @@ def test_nan_loss_stops_the_stage_and_keeps_earlier_results(tmp_path):
     assert len(_values(rd)) == 3
 
 
+def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):
+    from gain_cli.io import atomic_write_text
+
+    atomic_write_text(tmp_path / "atomic.txt", "x")
+    (tmp_path / "plain.txt").write_text("x")
+    mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
+    assert mode(tmp_path / "atomic.txt") == mode(tmp_path / "plain.txt")  # not mkstemp's private 0600
+
+
 def test_out_of_disk_while_writing_leaves_no_corrupt_file(tmp_path, monkeypatch):
     import errno
 

@@ -118,9 +118,6 @@ def build_demo(root: Path, download_dir: Path, *, force: bool = False, log=print
         seconds = round(time.perf_counter() - t0, 1)
         atomic_write_json(root / "BUILD_OK", {"version": BUILD_VERSION, "domains": DEMO_DOMAINS, "seconds": seconds,
                                               "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-        for f in root.rglob("*"):  # atomic writes create 0600 files; the data may be shared
-            if f.is_file():
-                f.chmod(0o644)
         log(f"demo domains built in {seconds:.0f} s: {root}")
     return root
 

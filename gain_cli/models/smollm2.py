@@ -99,8 +99,6 @@ def ensure_smollm2(cache_dir: str | os.PathLike, log=print) -> Path:
         try:
             info = _convert(gguf, version, tmp, log)
             atomic_write_json(tmp / "conversion.json", info)
-            for f in tmp.iterdir():  # mkstemp-based writes leave 0600 files; the cache may be shared
-                f.chmod(0o644)
             if out.exists():
                 shutil.rmtree(out)
             os.replace(tmp, out)
