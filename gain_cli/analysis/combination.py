@@ -11,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from gain_cli.analysis.common import save_figure, delta, load_weights, mean_loss, mix_weights, open_run, plt, weights_after
+from gain_cli.analysis.common import (
+    delta, load_weights, mean_loss, mix_weights, open_run, plt, save_figure, weights_after,
+)
 from gain_cli.errors import GainError
 
 
@@ -54,4 +56,3 @@ def combination(run_dir: Path, out_dir: Path, stages: tuple[int, int] = (1, 2), 
     return save_figure(fig, out_dir, "combination", {
         "run": str(run_dir), "method": run.label, "stages": [a, b], "domains": [dom_a, dom_b], "grid": grid,
         "loss_a": loss_a.tolist(), "loss_b": loss_b.tolist(), "cross_domain_loss": cross.tolist(), "other_domains": others})
-

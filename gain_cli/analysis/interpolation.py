@@ -10,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from gain_cli.analysis.common import save_figure, delta, load_weights, mean_loss, mix_weights, open_run, plt, weights_after
+from gain_cli.analysis.common import (
+    delta, load_weights, mean_loss, mix_weights, open_run, plt, save_figure, weights_after,
+)
 
 
 def interpolation(run_dirs: list[Path], out_dir: Path, stage: int = 1, points: int = 11, alpha_max: float = 1.0,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gain_cli.analysis.common import save_figure, load_weights, open_run, plt, token_losses, weights_after
+from gain_cli.analysis.common import load_weights, open_run, plt, save_figure, token_losses, weights_after
 
 
 def token_shift(run_dirs: list[Path], out_dir: Path, stage: int = 1, max_blocks: int | None = None) -> Path:

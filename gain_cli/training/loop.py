@@ -2,8 +2,9 @@
 
 AdamW over the method's trainable parameters (its own learning rate), warm-up then cosine /
 linear / constant schedule, gradient accumulation, gradient clipping, mixed precision via
-Accelerate, seeded data order, optionally a ``torch.compile``d forward (``train.compile``). Data: packed training blocks of the stage's domain, shuffled
-with a generator seeded by (seed, stage) and sharded across processes batch by batch.
+Accelerate, seeded data order, optionally a ``torch.compile``d forward (``train.compile``).
+Data: packed training blocks of the stage's domain, shuffled with a generator seeded by
+(seed, stage) and sharded across processes batch by batch.
 """
 
 from __future__ import annotations
