@@ -24,6 +24,7 @@ from typing import Any
 
 from gain_cli.data.demo_sources import SOURCES, fetch_boolq
 from gain_cli.data.demo_text import cap_documents, prepare_documents, split_documents
+from gain_cli.data.domains import write_documents
 from gain_cli.errors import GainError
 from gain_cli.io import atomic_write_json, atomic_write_text, file_lock, read_json
 
@@ -46,10 +47,6 @@ def is_built(root: str | os.PathLike) -> bool:
     return (Path(os.path.expanduser(str(root))) / "BUILD_OK").is_file()
 
 
-def _jsonl(docs: list[str]) -> str:
-    return "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs)
-
-
 def text_bytes(docs: list[str]) -> int:
     return sum(len(d.encode("utf-8")) + 1 for d in docs)
 
@@ -68,8 +65,8 @@ def build_domain(name: str, root: Path, download_dir: Path, log=print) -> dict[s
     val = cap_documents(val, VALIDATION_MAX_BYTES)
     if not train or not val:
         raise GainError(f"demo domain '{name}': no documents left after cleaning ({fetched.package} {fetched.version})")
-    atomic_write_text(root / name / "train.jsonl", _jsonl(train))
-    atomic_write_text(root / name / "validation.jsonl", _jsonl(val))
+    write_documents(root / name / "train.jsonl", train)
+    write_documents(root / name / "validation.jsonl", val)
     rec = {
         "domain": name, "registry": fetched.registry, "package": fetched.package, "version": fetched.version,
         "file_or_path": fetched.file_or_path, "licence": fetched.licence,
