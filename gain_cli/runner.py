@@ -303,7 +303,10 @@ def apply_stage(model, method, run_dir: Path, k: int, device="cpu"):
     if not path.is_file():
         raise GainError(f"stage {k} has no saved state ({path} is missing)")
     model = method.attach(model)
-    method.load_state_dict(model, load_file(str(path), device=str(device)))
+    device = torch.device(device)
+    # safetensors names devices its own way: "cpu" (it refuses the "cpu:0" Accelerate gives each process of a
+    # multi-CPU run) or "cuda:N"
+    method.load_state_dict(model, load_file(str(path), device="cpu" if device.type == "cpu" else str(device)))
     return method.finish_stage(model).eval()
 
 

@@ -79,14 +79,19 @@ def _two_processes(method: str, how: str, rd: Path, extra: tuple[str, ...] = ())
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
                "-m", "gain_cli", "run", *args]
-        env = _env(ACCELERATE_USE_CPU="1")
+        out = subprocess.run(cmd, env=_env(ACCELERATE_USE_CPU="1"), capture_output=True, text=True, timeout=600)
     else:  # torchrun
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "gain_cli", "run", *args]
-        env = _env(ACCELERATE_USE_CPU="1")  # without it Accelerate sees one process per CPU rank (refused)
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        out = _torchrun(args)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return rd
+
+
+def _torchrun(args: list[str], **env_extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "gain_cli", "run", *args]
+    # without ACCELERATE_USE_CPU Accelerate sees one process per CPU rank (refused)
+    return subprocess.run(cmd, env=_env(ACCELERATE_USE_CPU="1", **env_extra), capture_output=True, text=True,
+                          timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +150,31 @@ def test_two_compiled_processes_give_the_one_process_eager_matrix(pairs, tmp_pat
     for r1, r2 in zip(m1["values"], m2["values"]):
         for a, b in zip(r1, r2):
             assert abs(a - b) <= 1e-4 * abs(a), (m1["values"], m2["values"])
+
+
+@pytest.mark.multiproc
+@pytest.mark.parametrize("method", ["gain_ffn", "full_ft"])
+def test_two_process_run_killed_mid_stage_resumes_to_the_same_results(pairs, method, tmp_path):
+    """Both ranks SIGKILLed in stage 2 after its step-4 checkpoint; `resume=true` under two processes rebuilds
+    stage 1 from its saved state, continues stage 2 from the checkpoint (method, optimiser, scheduler) and ends
+    where the uninterrupted two-process run ended."""
+    import torch
+
+    rd = tmp_path / "killed"
+    args = [*COMMON, f"method={method}", f"train.batch_size={PER_PROCESS_BATCH}", f"run_dir={rd}"]
+    out = _torchrun(args, GAIN_FAULT_KILL_AT="stage2.step6")
+    assert out.returncode != 0 and (rd / "stages" / "stage_2" / "ckpt-4").is_dir(), out.stderr[-3000:]
+    assert not (rd / "stages" / "stage_2" / "method_state.safetensors").exists()
+    out = _torchrun([*args, "resume=true"])
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "resuming" in out.stdout
+    whole = pairs[method][1]
+    assert _matrix(rd) == _matrix(whole)
+    s1, s2 = _state(rd, 2), _state(whole, 2)
+    assert set(s1) == set(s2) and all(torch.equal(s1[n], s2[n]) for n in s1)
+    m1 = json.loads((rd / "stages" / "stage_2" / "metrics.json").read_text())["train"]
+    m2 = json.loads((whole / "stages" / "stage_2" / "metrics.json").read_text())["train"]
+    assert m1["losses"] == m2["losses"] and len(m1["losses"]) == 8
 
 
 @pytest.mark.multiproc
