@@ -53,6 +53,19 @@ def test_sigkill_then_resume_gives_identical_matrix(point, reference, tmp_path):
     assert not list(rd.rglob("*.tmp")) and not list(rd.rglob("ckpt-*"))
 
 
+def test_bf16_run_killed_mid_stage_resumes_to_the_uninterrupted_matrix(tmp_path):
+    """bf16 autocast, GAIN-FFN (the model object goes on from stage to stage): killed in stage 2 after its step-4
+    checkpoint, the resumed process trains stage 2's last steps under the same autocast as the uninterrupted run."""
+    args = ["run", *BASE, "method=gain_ffn", "train.mixed_precision=bf16"]
+    res = _gain([*args, f"run_dir={tmp_path / 'whole'}"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = _gain([*args, f"run_dir={tmp_path / 'killed'}"], {"GAIN_FAULT_KILL_AT": "stage2.step6"})
+    assert res.returncode == -signal.SIGKILL, (res.returncode, res.stderr[-2000:])
+    res = _gain([*args, f"run_dir={tmp_path / 'killed'}", "resume=true"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert _values(tmp_path / "killed") == _values(tmp_path / "whole")
+
+
 def test_same_seed_twice_is_deterministic(reference, tmp_path):
     rd = tmp_path / "again"
     res = runner.invoke(app, ["run", *BASE, "method=lora", f"run_dir={rd}"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
 from gain_cli.errors import GainError
 
@@ -37,5 +38,38 @@ def make_accelerator(cfg):
         )
     if sharded_requested(acc):
         raise GainError(SHARDED_UNSUPPORTED)
+    if mp == "fp16" and acc.device.type == "cpu":
+        raise GainError("train.mixed_precision=fp16 needs a GPU: on CPU Accelerate has no fp16 autocast and would "
+                        "silently train in fp32 (valid on CPU: no, bf16)")
+    # the fp16 loss scaler's state before any step: every stage starts from it (prepared_for_stage)
+    acc.gain_initial_scaler_state = acc.scaler.state_dict() if acc.scaler is not None else None
     set_seed(int(cfg.seed))
     return acc
+
+
+# what accelerator.prepare() sets on a model that it does not wrap (one process: no DDP wrapper)
+_PREPARE_ATTRIBUTES = ("forward", "_original_forward", "_is_accelerate_prepared")
+
+
+@contextmanager
+def prepared_for_stage(accelerator, model, optimizer):
+    """``accelerator.prepare(model, optimizer)`` for one training stage, undone on exit.
+
+    Accelerate marks a model it has prepared and hands it back untouched when it is asked again, so with one process
+    (no DDP wrapper in between) every stage after the first would train without the mixed-precision autocast; and
+    its ``unwrap_model(keep_fp32_wrapper=False)`` strips the model class's own forward decorators too. Here the
+    attributes ``prepare`` set on the model are put back as they were, so each stage prepares the same model afresh.
+    The fp16 loss scaler (GPU only) starts every stage from its initial state, like the optimiser.
+    """
+    saved = {k: model.__dict__[k] for k in _PREPARE_ATTRIBUTES if k in model.__dict__}
+    initial_scaler_state = getattr(accelerator, "gain_initial_scaler_state", None)  # set by make_accelerator
+    if accelerator.scaler is not None and initial_scaler_state is not None:
+        accelerator.scaler.load_state_dict(initial_scaler_state)
+    pmodel, optimizer = accelerator.prepare(model, optimizer)
+    try:
+        yield pmodel, optimizer
+    finally:
+        for k in _PREPARE_ATTRIBUTES:
+            model.__dict__.pop(k, None)
+        model.__dict__.update(saved)
+        accelerator.free_memory()  # drops the accelerator's references to this stage's objects

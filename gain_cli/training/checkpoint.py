@@ -1,4 +1,4 @@
-"""Mid-stage checkpoints: method state, optimiser, scheduler, RNG and data position.
+"""Mid-stage checkpoints: method state, optimiser, scheduler, fp16 loss scaler, RNG and data position.
 
 Every ``train.checkpoint_every`` steps a complete checkpoint is written into a fresh folder
 ``stages/stage_K/ckpt-<step>/`` and only then the pointer ``stages/stage_K/checkpoint.json`` is
@@ -33,7 +33,9 @@ class StageCheckpoints:
     def due(self, step: int, total: int) -> bool:
         return self.every > 0 and step % self.every == 0 and step < total
 
-    def save(self, step: int, method, model, optimizer, scheduler, losses: list[float], tokens: int) -> None:
+    def save(self, step: int, method, model, optimizer, scheduler, losses: list[float], tokens: int,
+             scaler=None) -> None:
+        """``scaler``: the fp16 loss scaler (GPU), whose scale and growth counter go into the checkpoint too."""
         if not self.is_main:
             return
         folder = self.dir / f"ckpt-{step}"
@@ -42,6 +44,7 @@ class StageCheckpoints:
             "step": step, "losses": losses, "tokens": tokens,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(), "python_rng": list(random.getstate()[1]),
+            "scaler": scaler.state_dict() if scaler is not None else None,
         }
         atomic_write_with(folder / "trainer.pt", lambda p: torch.save(trainer, p))
         faults.point(f"ckpt{step}.before_pointer")

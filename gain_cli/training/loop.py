@@ -18,6 +18,7 @@ import torch
 from gain_cli.errors import GainError
 from gain_cli.models.compiling import maybe_compile
 from gain_cli.models.kv_cache import no_kv_cache
+from gain_cli.training.accelerator import prepared_for_stage
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -97,17 +98,18 @@ def train_stage(model, method, blocks: torch.Tensor, train_cfg, *, seed: int, st
         checkpoints.restore_rng(saved)
         start, losses, tokens = int(saved["step"]), list(saved["losses"]), int(saved["tokens"])
     model.train()
-    # The scheduler is stepped by hand once per optimiser step (Accelerate's wrapper would step it
-    # once per process).
-    pmodel, optimizer = accelerator.prepare(model, optimizer)
-    forward = maybe_compile(pmodel, bool(train_cfg.get("compile", False)), accelerator.device, "train.compile")
     params = [p for g in groups for p in g["params"]]
     max_norm = train_cfg.get("max_grad_norm")
     log_every = max(1, int(train_cfg.get("log_every", 10)))
 
-    t0 = time.perf_counter()
-    tokens0 = tokens
-    with no_kv_cache(model):  # no K/V cache copies in a training forward (the Trainer turns it off too)
+    # The scheduler is stepped by hand once per optimiser step (Accelerate's wrapper would step it once per
+    # process). No K/V cache copies in a training forward (the Trainer turns it off too).
+    with prepared_for_stage(accelerator, model, optimizer) as (pmodel, optimizer), no_kv_cache(model):
+        if saved is not None and saved.get("scaler") and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(saved["scaler"])
+        forward = maybe_compile(pmodel, bool(train_cfg.get("compile", False)), accelerator.device, "train.compile")
+        t0 = time.perf_counter()
+        tokens0 = tokens
         for step in range(start, steps):
             step_loss = torch.zeros((), dtype=torch.float64)
             for a in range(ga):
@@ -144,10 +146,8 @@ def train_stage(model, method, blocks: torch.Tensor, train_cfg, *, seed: int, st
                      "lr": scheduler.get_last_lr()[0], "tokens": tokens, "tokens_per_s": round(rate, 1)})
             if checkpoints is not None and checkpoints.due(step + 1, steps):
                 checkpoints.save(step + 1, method, model, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                                 scheduler, losses, tokens)
+                                 scheduler, losses, tokens, accelerator.scaler)
             faults.point(f"stage{stage}.step{step + 1}")
-    accelerator.unwrap_model(pmodel, keep_fp32_wrapper=False)  # undo the mixed-precision forward patch
-    accelerator.free_memory()  # drops the accelerator's references to this stage's objects
     model.eval()
     elapsed = time.perf_counter() - t0
     rate = (tokens - tokens0) / max(elapsed, 1e-9)
