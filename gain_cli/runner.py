@@ -375,8 +375,6 @@ def check_same_processes(cfg: DictConfig, run_dir: Path, num_processes: int) -> 
 
 def run_experiment(cfg: DictConfig, console=None, on_event: Callable[[str, dict], None] | None = None) -> Path:
     """Run (or resume) the experiment described by cfg; return the run directory."""
-    from gain_cli.training.progress import StageProgress
-
     from gain_cli.training.accelerator import make_accelerator
 
     acc = make_accelerator(cfg)
@@ -401,40 +399,55 @@ def run_experiment(cfg: DictConfig, console=None, on_event: Callable[[str, dict]
         if exp.is_main:
             atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
             atomic_write_json(run_dir / "run_info.json", run_info(cfg, acc, "running", started))
-        # decided by the main process (other machines may not see the run directory)
-        done, base_done = on_main_shared(acc, lambda: (finished_stages(run_dir), (run_dir / "base" / "metrics.json").is_file()))
-        if exp.is_main and len(done) < len(exp.domains):
-            exp.say(estimate_runtime(exp, len(exp.domains) - len(done), base_missing=not base_done))
-        if done:
-            exp.say(f"resuming {run_dir}: stages 1..{done[-1]} finished, rebuilding them from their saved states")
-            exp.rebuild(done[-1])
-        if not base_done:
-            exp.say("evaluating the base model on every domain (row 0)")
-            row = exp.evaluate("base")
+        try:
+            _run_rows(exp, cfg, console, emit)
+        except BaseException as e:  # the run stops here: run_info.json says so (a SIGKILL leaves "running")
             if exp.is_main:
-                atomic_write_json(run_dir / "base" / "metrics.json", row)
-                write_matrices(run_dir, exp.domains)
-            emit("row", row)
-        acc.wait_for_everyone()
-        for k, domain in enumerate(exp.domains, 1):
-            if k in done:
-                continue
-            with StageProgress(console if exp.is_main else None, k, len(exp.domains), domain, int(cfg.train.steps)) as prog:
-                info = exp.train_stage(k, domain, prog.update)
-            row = exp.evaluate(f"stage_{k}:{domain}")
-            metrics = {**info, **row}
-            if exp.is_main:
-                atomic_write_json(exp.stage_dir(k) / "metrics.json", metrics)
-                write_matrices(run_dir, exp.domains)
-                exp.say(f"stage {k}/{len(exp.domains)} {domain}: own-domain PPL {row['ppl'][domain]:.3f}, "
-                        f"loss {info['train']['first_loss']:.3f} → {info['train']['final_loss']:.3f}, "
-                        f"{info['train']['tokens_per_s']:.0f} tok/s")
-            emit("row", metrics)
-            acc.wait_for_everyone()
+                status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+                info = {**run_info(cfg, acc, status, started), **({"error": str(e)} if status == "failed" else {})}
+                atomic_write_json(run_dir / "run_info.json", info)
+            raise
         if exp.is_main:
             atomic_write_json(run_dir / "run_info.json", run_info(cfg, acc, "complete", started))
             _write_run_report(run_dir, exp)
     return run_dir
+
+
+def _run_rows(exp: Experiment, cfg: DictConfig, console, emit: Callable) -> None:
+    """Every row of the matrices not written yet: the base model's, then each stage's (train, evaluate)."""
+    from gain_cli.training.progress import StageProgress
+
+    run_dir, acc = exp.run_dir, exp.accelerator
+    # decided by the main process (other machines may not see the run directory)
+    done, base_done = on_main_shared(acc, lambda: (finished_stages(run_dir), (run_dir / "base" / "metrics.json").is_file()))
+    if exp.is_main and len(done) < len(exp.domains):
+        exp.say(estimate_runtime(exp, len(exp.domains) - len(done), base_missing=not base_done))
+    if done:
+        exp.say(f"resuming {run_dir}: stages 1..{done[-1]} finished, rebuilding them from their saved states")
+        exp.rebuild(done[-1])
+    if not base_done:
+        exp.say("evaluating the base model on every domain (row 0)")
+        row = exp.evaluate("base")
+        if exp.is_main:
+            atomic_write_json(run_dir / "base" / "metrics.json", row)
+            write_matrices(run_dir, exp.domains)
+        emit("row", row)
+    acc.wait_for_everyone()
+    for k, domain in enumerate(exp.domains, 1):
+        if k in done:
+            continue
+        with StageProgress(console if exp.is_main else None, k, len(exp.domains), domain, int(cfg.train.steps)) as prog:
+            info = exp.train_stage(k, domain, prog.update)
+        row = exp.evaluate(f"stage_{k}:{domain}")
+        metrics = {**info, **row}
+        if exp.is_main:
+            atomic_write_json(exp.stage_dir(k) / "metrics.json", metrics)
+            write_matrices(run_dir, exp.domains)
+            exp.say(f"stage {k}/{len(exp.domains)} {domain}: own-domain PPL {row['ppl'][domain]:.3f}, "
+                    f"loss {info['train']['first_loss']:.3f} → {info['train']['final_loss']:.3f}, "
+                    f"{info['train']['tokens_per_s']:.0f} tok/s")
+        emit("row", metrics)
+        acc.wait_for_everyone()
 
 
 def estimate_runtime(exp: Experiment, stages_left: int, base_missing: bool) -> str:

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -194,9 +195,32 @@ def test_nan_loss_stops_the_stage_and_keeps_earlier_results(tmp_path):
     assert len(_values(rd)) == 2  # base + stage 1 kept
     assert (rd / "stages" / "stage_1" / "method_state.safetensors").is_file()
     assert not (rd / "stages" / "stage_2" / "metrics.json").exists()
+    info = json.loads((rd / "run_info.json").read_text())
+    assert info["status"] == "failed" and "loss became nan at step 3" in info["error"]
     res = _gain([*args, "resume=true"])  # the cause gone, the run resumes
     assert res.returncode == 0, res.stderr[-2000:]
     assert len(_values(rd)) == 3
+    assert json.loads((rd / "run_info.json").read_text())["status"] == "complete"
+
+
+def test_ctrl_c_says_how_to_resume_and_marks_the_run_interrupted(tmp_path):
+    rd = tmp_path / "int"
+    proc = subprocess.Popen([sys.executable, "-m", "gain_cli", "run", *BASE, "method=gain_ffn", "train.steps=100000",
+                             f"run_dir={rd}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
+    try:
+        for _ in range(600):  # into stage 1 (the base row written)
+            if (rd / "base" / "metrics.json").is_file() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted: finished stages are saved" in err and "Traceback" not in err
+    assert json.loads((rd / "run_info.json").read_text())["status"] == "interrupted"
+    assert not (rd / ".lock").exists()
 
 
 def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path):
