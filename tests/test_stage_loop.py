@@ -91,3 +91,24 @@ def test_fp16_on_cpu_is_refused_with_the_valid_choices(fresh_accelerate_state):
     cfg = OmegaConf.create({"seed": 0, "train": {"mixed_precision": "fp16", "grad_accum": 1}})
     with pytest.raises(GainError, match=r"fp16 needs a GPU.*valid on CPU: no, bf16"):
         make_accelerator(cfg)
+
+
+def test_one_process_runs_experiments_of_different_precisions_one_after_another(tmp_path):
+    """Accelerate's process-wide state refuses a second Accelerator with another mixed precision; `gain demo` or a
+    sweep from Python runs several experiments in one process, so each run starts from a fresh state."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from gain_cli.cli import app
+
+    losses = {}
+    for precision in ("no", "bf16", "no"):
+        rd = tmp_path / f"{precision}_{len(losses)}"
+        res = CliRunner().invoke(app, ["run", "recipe=tiny_8domains", "domains.sequence=[dna]", "train.steps=3",
+                                       "eval.max_blocks=2", "eval.harness.enabled=false",
+                                       f"train.mixed_precision={precision}", f"run_dir={rd}"])
+        assert res.exit_code == 0, res.output
+        losses[rd.name] = json.loads((rd / "stages" / "stage_1" / "metrics.json").read_text())["train"]["losses"]
+    assert losses["no_0"] == losses["no_2"]
+    assert losses["bf16_1"] != losses["no_0"]  # trained under bf16 autocast, not fp32

@@ -28,6 +28,12 @@ def make_accelerator(cfg):
     mp = str(cfg.train.get("mixed_precision", "no"))
     if mp not in MIXED_PRECISION:
         raise GainError(f"unknown train.mixed_precision '{mp}' (valid: {', '.join(MIXED_PRECISION)})")
+    # Accelerate keeps its settings in a process-wide state that refuses a second, different mixed precision; a
+    # process may run several experiments (`gain demo`, a sweep from Python), so each starts from a fresh one, as
+    # the HF TrainingArguments do. The process group (PartialState) is kept.
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
     acc = Accelerator(gradient_accumulation_steps=int(cfg.train.get("grad_accum", 1)), mixed_precision=mp)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if acc.num_processes != world:
