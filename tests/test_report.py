@@ -156,3 +156,20 @@ def test_print_run(runs):
     # PPL of code after stage 2 = 46.00; its change vs base (46-40)/40 = 15.0 %; BoolQ at stage 3: 55.0 (-15.0 pts)
     assert "46.00" in out and "15.0" in out and "55.0 (-15.0)" in out
     assert "BWT" in out and "signs:" in out
+
+
+def test_comparison_in_an_80_column_terminal_keeps_every_number_whole(runs):
+    """Runs as columns, a row per metric: at 80 columns no value is cut short with an ellipsis."""
+    from rich.console import Console
+
+    from gain_cli.reporting.tables import print_metric_table
+
+    loaded = [load_run(r) for r in runs]
+    console = Console(record=True, width=80, color_system=None)
+    print_metric_table(loaded, console)
+    out = console.export_text()
+    assert "…" not in out and max(len(line) for line in out.splitlines()) <= 80
+    header, rows = metric_table(loaded)
+    bwt = header.index("BWT ↑")
+    line = next(x for x in out.splitlines() if "BWT" in x)
+    assert [c.strip() for c in line.strip("│ ").split("│")[1:]] == [format_cell(r[bwt], 3) for r in rows]

@@ -270,26 +270,23 @@ def print_run(run: RunResult, console) -> None:
             t.add_row(_short_row(label), *cells)
         console.print(t)
 
-    header, rows = metric_table([run])
-    t = _rich_table("forgetting metrics")
-    t.add_column("metric")
-    t.add_column("value", justify="right")
-    for h, v in zip(header[1:], rows[0][1:]):
-        t.add_row(h, format_cell(v, 3))
-    console.print(t)
+    print_metric_table([run], console)
     console.print("signs: ΔPPL % negative = better; BWT > 0 = earlier domains improved; FWT > 0 = earlier stages "
                   "helped; max forgetting ≥ 0, larger = worse; harness Δ negative = drop (full definitions in "
                   "gain_cli/reporting/metrics.py)", highlight=False, style="dim")
 
 
 def print_metric_table(runs: Sequence[RunResult], console) -> None:
-    """Print the summary table (methods as rows) of several runs."""
+    """Print the summary of several runs in the terminal: one column per run and a row per metric (the written
+    report has the paper's layout, methods as rows: a dozen metric columns do not fit a terminal's width, and rich
+    would cut their numbers short). A value that still does not fit wraps onto the next line instead of being cut."""
     header, rows = metric_table(runs)
-    t = _rich_table("forgetting metrics (methods as rows)")
-    for i, h in enumerate(header):
-        t.add_column(h, justify="left" if i < 2 else "right")
-    for row in rows:
-        t.add_row(*(format_cell(c, 3) for c in row))
+    t = _rich_table("forgetting metrics" + (" (runs as columns)" if len(runs) > 1 else ""))
+    t.add_column("metric", overflow="fold")
+    for label in run_labels(runs):
+        t.add_column(label, justify="right", overflow="fold")
+    for i, h in enumerate(header[1:], 1):
+        t.add_row(h, *(format_cell(row[i], 3) for row in rows))
     console.print(t)
 
 
