@@ -303,7 +303,8 @@ def test_boolq_source_choice(monkeypatch, tmp_path):
 @pytest.mark.parametrize("wrap", [False, True])
 def test_next_token_logprobs_equal_a_masked_full_forward(setup, wrap):
     """The fast path (right pads, no mask, LM head only at each row's last position) changes no number."""
-    from gain_cli.evaluation.harness import _accepts_logits_to_keep, _forward_logprobs, _next_token_logprobs
+    from gain_cli.evaluation.harness import (_accepts_logits_to_keep, _forward_logprobs, _needs_attention_mask,
+                                             _next_token_logprobs)
 
     model = _QuackingLM(setup.model) if wrap else setup.model
     assert _accepts_logits_to_keep(model) is (not wrap)
@@ -311,7 +312,7 @@ def test_next_token_logprobs_equal_a_masked_full_forward(setup, wrap):
     assert len({len(r) for r in rows}) > 1  # real padding
     pad = setup.tok.pad_token_id
     with torch.no_grad():
-        fast = _next_token_logprobs(model, rows, pad)
+        fast = _next_token_logprobs(model, rows, pad, _needs_attention_mask(model), _accepts_logits_to_keep(model))
         full = _forward_logprobs(model, rows, pad)
     expect = torch.stack([full[i, len(r) - 1] for i, r in enumerate(rows)])
     assert fast.shape == expect.shape

@@ -588,21 +588,23 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     return _forward_parameter(target, "logits_to_keep") is not None
 
 
-def _next_token_logprobs(model: torch.nn.Module, rows: list[list[int]], pad_id: int) -> torch.Tensor:
+def _next_token_logprobs(model: torch.nn.Module, rows: list[list[int]], pad_id: int, needs_mask: bool,
+                         keeps_logits: bool) -> torch.Tensor:
     """Log-probabilities of the token after each row, [batch, vocab].
 
     Rows are right-padded and go in without a padding mask: in a causal LM a row's last real position only attends
     to the positions before it, so the pads after it change nothing there, and the model takes its unmasked causal
     fast path. Only the last real position of each row goes through the LM head when the model accepts
-    ``logits_to_keep`` (a 1-D tensor of positions, the same for the whole batch: the distinct last positions).
+    ``logits_to_keep`` (``keeps_logits``; a 1-D tensor of positions, the same for the whole batch: the distinct last
+    positions). ``needs_mask``: the model's forward requires an attention mask (all ones here).
     """
     ids, lengths = _right_padded(rows, pad_id)
     last = lengths - 1
     device = model_device(model)
     kwargs: dict[str, Any] = {}
-    if _needs_attention_mask(model):
+    if needs_mask:
         kwargs["attention_mask"] = torch.ones_like(ids).to(device)
-    if _accepts_logits_to_keep(model):
+    if keeps_logits:
         keep, where = torch.unique(last, return_inverse=True)
         kwargs["logits_to_keep"] = keep.to(device)
     else:
@@ -649,11 +651,12 @@ def score_yes_no(model: torch.nn.Module, tokenizer: Any, items: Sequence[Mapping
             for choice, cont in enumerate(conts):
                 slow.append((i, choice, (ctx + cont)[-(max_len + 1):][:-1], cont))
     scores = torch.zeros((len(items), 2), dtype=torch.float64)
+    needs_mask, keeps_logits = _needs_attention_mask(model), _accepts_logits_to_keep(model)
     with eval_mode(model), no_kv_cache(model):
         fast.sort(key=lambda c: -len(c[1]))   # similar lengths share a batch: little padding
         for start in range(0, len(fast), batch_size):
             chunk = fast[start:start + batch_size]
-            lp = _next_token_logprobs(model, [c[1] for c in chunk], pad_id)
+            lp = _next_token_logprobs(model, [c[1] for c in chunk], pad_id, needs_mask, keeps_logits)
             for row, (i, _window, no_id, yes_id) in enumerate(chunk):
                 scores[i, 0] = float(lp[row, no_id])
                 scores[i, 1] = float(lp[row, yes_id])
