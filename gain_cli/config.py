@@ -171,9 +171,41 @@ def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg)
 
 
-def config_hash(cfg: DictConfig, exclude: Sequence[str] = ("run_dir", "run_name", "resume", "output_root", "launcher")) -> str:
-    """Hash of what determines the results (not where they go)."""
+# settings that say where a run goes, how it is launched and how often it logs and checkpoints, not what it
+# computes: a resumed run may change them
+PLACEMENT_KEYS = ("run_dir", "run_name", "resume", "output_root", "launcher", "train.log_every",
+                  "train.checkpoint_every")
+
+
+def _results_part(cfg: DictConfig) -> dict:
     c = OmegaConf.to_container(cfg, resolve=True)
-    for k in exclude:
-        c.pop(k, None)
-    return hashlib.sha256(OmegaConf.to_yaml(OmegaConf.create(c)).encode()).hexdigest()[:16]
+    for key in PLACEMENT_KEYS:
+        *parents, last = key.split(".")
+        node = c
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return c
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Hash of what determines the results (not where they go)."""
+    return hashlib.sha256(OmegaConf.to_yaml(OmegaConf.create(_results_part(cfg))).encode()).hexdigest()[:16]
+
+
+def config_differences(old: DictConfig, new: DictConfig) -> list[str]:
+    """``key: old → new`` for every setting that determines the results and differs (dotted keys, sorted)."""
+
+    def flat(node, prefix: str = "") -> dict[str, object]:
+        if isinstance(node, dict):
+            out: dict[str, object] = {}
+            for k, v in node.items():
+                out.update(flat(v, f"{prefix}{k}."))
+            return out
+        return {prefix[:-1]: node}
+
+    a, b = flat(_results_part(old)), flat(_results_part(new))
+    missing = "(unset)"
+    return [f"{k}: {a.get(k, missing)} → {b.get(k, missing)}" for k in sorted(set(a) | set(b))
+            if a.get(k, missing) != b.get(k, missing)]

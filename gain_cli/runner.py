@@ -36,7 +36,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from gain_cli import faults
-from gain_cli.config import config_hash, to_yaml
+from gain_cli.config import config_differences, config_hash, to_yaml
 from gain_cli.errors import GainError
 from gain_cli.io import atomic_save_safetensors, atomic_write_json, atomic_write_text, read_json
 
@@ -339,8 +339,10 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
                             "or choose another run_dir/run_name")
         old = OmegaConf.load(saved)
         if config_hash(old) != config_hash(cfg):
-            raise GainError(f"resume=true but the config differs from the one saved in {saved} "
-                            f"(hash {config_hash(old)} vs {config_hash(cfg)}); use the same overrides or a new run_dir")
+            diff = config_differences(old, cfg)
+            more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
+            raise GainError(f"resume=true but the config differs from the one saved in {saved}: "
+                            f"{'; '.join(diff[:3])}{more}; use the same overrides or a new run_dir")
     elif cfg.get("resume") and cfg.get("run_dir"):
         raise GainError(f"resume=true but {run_dir} holds no run (no config.yaml)")
 

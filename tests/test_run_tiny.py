@@ -80,9 +80,18 @@ def test_resume_after_interruption_gives_same_matrix(gain_run, tmp_path, monkeyp
     assert _matrix(rd)["values"] == _matrix(gain_run)["values"]
 
 
-def test_resume_refuses_a_different_config(gain_run):
+def test_resume_refuses_a_different_config_and_names_what_differs(gain_run):
     res = runner.invoke(app, ["run", *FAST, "method=gain_ffn", "train.steps=13", f"run_dir={gain_run}", "resume=true"])
     assert res.exit_code == 2 and "config differs" in res.output
+    assert "train.steps: 12 → 13" in " ".join(res.output.split())
+
+
+def test_resume_may_change_how_often_it_logs_and_checkpoints(gain_run):
+    before = _matrix(gain_run)
+    res = runner.invoke(app, ["run", *FAST, "method=gain_ffn", "train.checkpoint_every=5", "train.log_every=1",
+                              f"run_dir={gain_run}", "resume=true"])
+    assert res.exit_code == 0, res.output
+    assert _matrix(gain_run) == before  # a finished run: nothing to redo
 
 
 def test_merge_then_eval_reproduces_last_row(gain_run, tmp_path):
