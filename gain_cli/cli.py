@@ -89,7 +89,6 @@ def run(
     Sweep:   gain run -m recipe=tiny_8domains method=lora,gain_ffn method.lr=1e-4,1e-3
     """
     from gain_cli.config import DEFAULT_RECIPE
-    from gain_cli.runner import run_experiment
 
     jobs = [("", list(overrides or []))]
     if multirun:
@@ -97,30 +96,53 @@ def run(
 
         jobs = expand_sweep(overrides or [])
         console.print(f"multirun: {len(jobs)} run(s)", highlight=False)
+    # every combination is composed and checked before the first one runs: a bad value fails now, not hours in
+    runs = []
     for suffix, job in jobs:
         cfg = _compose(job, DEFAULT_RECIPE)
         if suffix and not cfg.get("run_dir"):
             cfg.run_name = f"{cfg.run_name}-{suffix}" if cfg.get("run_name") else suffix
-        from gain_cli.launcher import maybe_relaunch
+        runs.append((suffix, job, cfg))
+    failed: list[str] = []
+    for suffix, job, cfg in runs:
+        try:
+            _run_one(cfg, job)
+        except (GainError, typer.Exit) as exc:
+            if not multirun or _state["debug"]:
+                raise
+            # one failed combination (say, a learning rate that diverges) does not stop the others
+            if isinstance(exc, GainError):
+                err_console.print(f"[bold red]error[/bold red] in run {suffix}: {exc}", highlight=False, soft_wrap=True)
+            failed.append(suffix)
+    if failed:
+        others = "the others finished; " if len(failed) < len(runs) else ""
+        raise GainError(f"{len(failed)} of {len(runs)} runs failed: {', '.join(failed)} (errors above); {others}"
+                        "the same command with resume=true re-runs only what is unfinished")
 
-        rc = maybe_relaunch(cfg, [*(["--debug"] if _state["debug"] else []), "run", *job], console)
-        if rc is not None:  # ran in launched processes
-            if rc:
-                raise typer.Exit(rc)
-            continue
-        main = os.environ.get("RANK", "0") == "0"  # under accelerate launch / torchrun: print once
-        if main:
-            from gain_cli.memory import summary_line
 
-            console.print(f"recipe [bold]{cfg.recipe}[/bold] · model {cfg.model.name} · method {cfg.method.name} · "
-                          f"{len(cfg.domains.sequence)} domains · {cfg.train.steps} steps/stage", highlight=False)
-            line = summary_line(cfg)
-            if line:
-                console.print(line, highlight=False, markup=False)
-        run_dir = run_experiment(cfg, console)
-        if main:
-            _print_run(run_dir)
-            console.print(f"results: {run_dir}", highlight=False)
+def _run_one(cfg, job: list[str]) -> None:
+    """One experiment, in this process or in launched processes (launcher.num_processes > 1)."""
+    from gain_cli.launcher import maybe_relaunch
+    from gain_cli.runner import run_experiment
+
+    rc = maybe_relaunch(cfg, [*(["--debug"] if _state["debug"] else []), "run", *job], console)
+    if rc is not None:  # ran in launched processes
+        if rc:
+            raise typer.Exit(rc)
+        return
+    main = os.environ.get("RANK", "0") == "0"  # under accelerate launch / torchrun: print once
+    if main:
+        from gain_cli.memory import summary_line
+
+        console.print(f"recipe [bold]{cfg.recipe}[/bold] · model {cfg.model.name} · method {cfg.method.name} · "
+                      f"{len(cfg.domains.sequence)} domains · {cfg.train.steps} steps/stage", highlight=False)
+        line = summary_line(cfg)
+        if line:
+            console.print(line, highlight=False, markup=False)
+    run_dir = run_experiment(cfg, console)
+    if main:
+        _print_run(run_dir)
+        console.print(f"results: {run_dir}", highlight=False)
 
 
 def _print_run(run_dir: Path) -> None:

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -63,3 +64,45 @@ def test_bad_input_exit_2_one_line(args, needle):
     assert needle in res.output
     assert "Traceback" not in res.output
     assert len([ln for ln in res.output.splitlines() if ln.strip()]) == 1
+
+
+def _record_runs(monkeypatch, fail_when=lambda cfg: False):
+    """Replace the experiment by a recorder (the sweep logic is under test, not training)."""
+    import gain_cli.runner as runner_mod
+    from gain_cli.errors import GainError
+
+    seen = []
+
+    def ok_or_fail(cfg, console=None):
+        seen.append(cfg.run_name)
+        if fail_when(cfg):
+            raise GainError(f"stage 1: loss became nan at step 2 (lr {cfg.method.lr})")
+        return Path("/nonexistent-run-dir")
+
+    monkeypatch.setattr(runner_mod, "run_experiment", ok_or_fail)
+    monkeypatch.setattr("gain_cli.cli._print_run", lambda run_dir: None)
+    return seen
+
+
+def test_sweep_checks_every_combination_before_the_first_runs(monkeypatch):
+    seen = _record_runs(monkeypatch)
+    res = runner.invoke(app, ["run", "-m", "recipe=tiny_8domains", "method=gain_ffn,nope"])
+    assert res.exit_code == 2 and "unknown method 'nope'" in res.output
+    assert seen == []  # nothing ran: the bad value is found up front
+
+
+def test_a_failed_sweep_run_does_not_stop_the_others(monkeypatch):
+    seen = _record_runs(monkeypatch, fail_when=lambda cfg: float(cfg.method.lr) > 1)
+    res = runner.invoke(app, ["run", "-m", "recipe=tiny_8domains", "method=gain_ffn", "method.lr=1e3,1e-3,3e-3"])
+    out = " ".join(res.output.split())
+    assert seen == ["lr-1000.0", "lr-0.001", "lr-0.003"]  # the runs after the failed one still ran
+    assert res.exit_code == 2
+    assert "error in run lr-1000.0: stage 1: loss became nan" in out and "1 of 3 runs failed: lr-1000.0" in out
+    assert "Traceback" not in res.output
+
+
+def test_a_single_run_still_fails_at_once(monkeypatch):
+    seen = _record_runs(monkeypatch, fail_when=lambda cfg: True)
+    res = runner.invoke(app, ["run", "recipe=tiny_8domains"])
+    assert res.exit_code == 2 and "loss became nan" in res.output and "runs failed" not in res.output
+    assert len(seen) == 1
