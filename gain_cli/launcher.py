@@ -172,6 +172,28 @@ def build_launch_command(cfg, argv: Sequence[str], run_dir: str | Path | None = 
     return cmd, env
 
 
+def local_gpus() -> int:
+    """CUDA (or XPU) devices this machine has."""
+    import torch
+
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.device_count() + (xpu.device_count() if xpu is not None and xpu.is_available() else 0)
+
+
+def check_gpus_for(settings: Mapping[str, Any]) -> None:
+    """GPU processes (``launcher.cpu=false``) need a GPU each on this machine; refuse before starting any (they
+    would each fail with Accelerate seeing one process, under a launcher traceback)."""
+    if settings["cpu"]:
+        return
+    per_machine = settings["num_processes"] // settings["num_machines"]
+    have = local_gpus()
+    if have < per_machine:
+        fix = (f"launcher.num_processes={have * settings['num_machines']}" if have else
+               "one process (launcher=local) or CPU processes (launcher=accelerate_cpu2, or launcher.cpu=true)")
+        raise GainError(f"the launcher starts {per_machine} GPU process(es) on this machine, one per GPU, but it has "
+                        f"{have or 'no'} GPU{'s' if have != 1 else ''}: use {fix}")
+
+
 def maybe_relaunch(cfg, argv: Sequence[str], console=None) -> int | None:
     """Re-run ``gain <argv>`` through accelerate launch when the launcher config asks for it.
 
@@ -192,6 +214,7 @@ def maybe_relaunch(cfg, argv: Sequence[str], console=None) -> int | None:
 
         if sharding_of(st["accelerate_config"]) != "none":  # refuse before starting N processes
             raise GainError(SHARDED_UNSUPPORTED)
+    check_gpus_for(st)
     cmd, env = build_launch_command(cfg, argv, resolve_run_dir(cfg))
     if console is not None:
         console.print(f"launching {st['num_processes']} process(es) on {st['num_machines']} machine(s)"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -338,6 +339,22 @@ def test_no_relaunch_for_one_process_or_inside_a_launch(fake_popen, monkeypatch)
     monkeypatch.delenv("GAIN_LAUNCHED")
     assert maybe_relaunch(_cfg("launcher.accelerate_config=ddp"), ["run"]) is None  # one process: runs here
     assert fake_popen.calls == []
+
+
+@pytest.mark.parametrize("gpus,needle", [(0, "has no GPUs: use one process (launcher=local) or CPU processes"),
+                                          (4, "has 4 GPUs: use launcher.num_processes=4")])
+def test_gpu_launch_on_a_machine_without_enough_gpus_is_refused_before_starting(fake_popen, monkeypatch, tmp_path,
+                                                                                 gpus, needle):
+    import gain_cli.launcher as launcher
+
+    monkeypatch.setattr(launcher, "local_gpus", lambda: gpus)
+    with pytest.raises(GainError, match=re.escape(needle)):
+        launcher.maybe_relaunch(_cfg("launcher=gpu8", f"run_dir={tmp_path / 'r'}"), ["run", "launcher=gpu8"])
+    assert fake_popen.calls == []
+    monkeypatch.setattr(launcher, "local_gpus", lambda: 8)
+    rc = launcher.maybe_relaunch(_cfg("launcher=gpu8", f"run_dir={tmp_path / 'r'}"), ["run", "launcher=gpu8"])
+    assert rc == 3  # the (fake) launched run's exit code
+    assert len(fake_popen.calls) == 1
 
 
 def test_gpu_launch_uses_the_accelerate_config(fake_popen, tmp_path):
