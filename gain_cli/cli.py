@@ -197,7 +197,8 @@ def eval_(
     run_dir: Optional[Path] = typer.Option(None, "--run", help="Evaluate a stage of this run (its model and method)."),
     stage: Optional[int] = typer.Option(None, "--stage", help="Stage of --run to evaluate (default: the last finished)."),
 ) -> None:
-    """Validation perplexity of a model (config, saved directory, or a run's stage) on a domain set."""
+    """Validation perplexity of a model (config, saved directory, or a run's stage) on a domain set, and the lm-eval
+    tasks of eval.harness when enabled (as in a run's rows)."""
     import time
 
     from gain_cli.data.domains import DomainData, ensure_domains
@@ -215,7 +216,30 @@ def eval_(
                             int(cfg.eval.batch_size), compile=bool(cfg.eval.get("compile", False)))
         table.add_row(d.name, f"{r.ppl:.3f}", f"{r.loss:.4f}", str(r.tokens))
     console.print(table)
+    harness_cfg = cfg.eval.get("harness")
+    if harness_cfg is not None and harness_cfg.get("enabled"):
+        _print_harness(model, tokenizer, harness_cfg, label)
     console.print(f"{time.perf_counter() - t0:.1f} s", highlight=False)
+
+
+def _print_harness(model, tokenizer, harness_cfg, label: str) -> None:
+    """The lm-eval tasks (BoolQ) of a model, scored as a run scores its rows (eval.harness.enabled=false skips)."""
+    import tempfile
+
+    from omegaconf import OmegaConf
+
+    from gain_cli.evaluation.harness import run_harness
+
+    with tempfile.TemporaryDirectory(prefix="gain-eval-harness-") as work:
+        results = run_harness(model, tokenizer, OmegaConf.to_container(harness_cfg, resolve=True), work)
+    table = Table(title=f"lm-eval · {label}")
+    for col in ("task", "acc %", "± stderr", "items"):
+        table.add_column(col, justify="right" if col != "task" else "left")
+    for task, row in results.items():
+        stderr = row.get("acc_stderr")
+        table.add_row(task, f"{100 * row['acc']:.1f}" if "acc" in row else "-",
+                      f"{100 * stderr:.1f}" if stderr is not None else "-", str(row.get("n", "-")))
+    console.print(table)
 
 
 def _model_for_eval(overrides: list[str], run_dir: Path | None, stage: int | None):
@@ -228,7 +252,8 @@ def _model_for_eval(overrides: list[str], run_dir: Path | None, stage: int | Non
     if run_dir is None:
         cfg = _compose(overrides, None)
         model, tok = load_model(cfg.model, cfg.cache_dir)
-        return cfg, model, tok, f"{cfg.model.name} (no adaptation)"
+        saved_dir = cfg.model.get("path") if cfg.model.name == "local" else None  # e.g. written by `gain merge`
+        return cfg, model, tok, str(saved_dir) if saved_dir else f"{cfg.model.name} (no adaptation)"
     cfg = _run_config(run_dir)
     if overrides:
         from gain_cli.config import compose_config

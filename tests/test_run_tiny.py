@@ -113,6 +113,23 @@ def test_merge_then_eval_reproduces_last_row(gain_run, tmp_path):
         assert f"{v:.3f}" in res.output, (d, v)
 
 
+def test_eval_of_a_merged_model_scores_boolq_like_the_runs_last_row(tmp_path):
+    rd, out = tmp_path / "run", tmp_path / "merged"
+    res = runner.invoke(app, ["run", "recipe=tiny_8domains", "domains.sequence=[dna]", "train.steps=4",
+                              "eval.max_blocks=4", f"run_dir={rd}"])
+    assert res.exit_code == 0, res.output
+    assert runner.invoke(app, ["merge", str(rd), "--out", str(out)]).exit_code == 0
+    res = runner.invoke(app, ["eval", f"model={out}", "domains=tiny8", "domains.sequence=[dna]", "eval.max_blocks=4"])
+    assert res.exit_code == 0, res.output
+    harness = json.loads((rd / "harness_matrix.json").read_text())
+    acc = 100 * harness["values"][-1][harness["tasks"].index("boolq")]
+    line = next(x for x in res.output.splitlines() if "boolq" in x)
+    assert [c.strip() for c in line.strip("│ ").split("│")][1] == f"{acc:.1f}"
+    assert str(out) in " ".join(res.output.split()) or out.name in res.output  # labelled with the merged directory
+    res = runner.invoke(app, ["eval", f"model={out}", "domains=tiny8", "eval.max_blocks=4", "eval.harness.enabled=false"])
+    assert res.exit_code == 0 and "boolq" not in res.output
+
+
 def test_eval_of_a_run_stage(gain_run):
     res = runner.invoke(app, ["eval", "--run", str(gain_run), "--stage", "2"])
     assert res.exit_code == 0, res.output
