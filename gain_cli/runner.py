@@ -41,6 +41,7 @@ from gain_cli.errors import GainError
 from gain_cli.io import atomic_save_safetensors, atomic_write_json, atomic_write_text, read_json
 
 STATE_FILE = "method_state.safetensors"
+TRAIN_FILE = "train.json"  # what training a stage reported, saved with its state
 
 
 # --- run directory ---------------------------------------------------------------------------
@@ -280,15 +281,29 @@ class Experiment:
         stats = train_stage(self.model, self.method, blocks, cfg.train, seed=int(cfg.seed), stage=k,
                             accelerator=self.accelerator, progress=progress_cb, log=log, checkpoints=ckpts)
         self.method.after_training(self.model, ctx)
+        info = {"domain": domain, "trainable_params": n_trainable, "train": stats.to_dict(),
+                "method_info": self.method.stage_info()}
         if self.is_main:
+            atomic_write_json(self.stage_dir(k) / TRAIN_FILE, info)
             atomic_save_safetensors(self.stage_dir(k) / STATE_FILE, self.method.state_dict(self.model),
                                     metadata={"method": self.method.name, "stage": str(k), "domain": domain})
             ckpts.clear()
         self.accelerator.wait_for_everyone()
         self.model = self.method.finish_stage(self.model)
         self.model.eval()
-        return {"domain": domain, "trainable_params": n_trainable, "train": stats.to_dict(),
-                "method_info": self.method.stage_info()}
+        return info
+
+    def trained_stage_info(self, k: int) -> dict[str, Any] | None:
+        """What training stage k reported, when it was trained and saved but its evaluation never finished (a run
+        stopped during the sweep); None when the stage still has to be trained."""
+        d = self.stage_dir(k)
+        if (d / TRAIN_FILE).is_file() and (d / STATE_FILE).is_file():
+            return read_json(d / TRAIN_FILE)
+        return None
+
+    def apply_trained_stage(self, k: int) -> None:
+        """Carry the model forward through stage k from its saved state instead of training it again."""
+        self.model = apply_stage(self.model, self.method, self.run_dir, k, self.accelerator.device)
 
 
 def stage_dir(run_dir: Path, k: int) -> Path:
@@ -438,8 +453,14 @@ def _run_rows(exp: Experiment, cfg: DictConfig, console, emit: Callable) -> None
     for k, domain in enumerate(exp.domains, 1):
         if k in done:
             continue
-        with StageProgress(console if exp.is_main else None, k, len(exp.domains), domain, int(cfg.train.steps)) as prog:
-            info = exp.train_stage(k, domain, prog.update)
+        info = on_main_shared(acc, lambda: exp.trained_stage_info(k))
+        if info is not None:  # trained and saved before the run stopped: only its evaluation is missing
+            exp.say(f"stage {k}/{len(exp.domains)} {domain}: trained before the run stopped, applying its saved state")
+            exp.apply_trained_stage(k)
+        else:
+            with StageProgress(console if exp.is_main else None, k, len(exp.domains), domain,
+                               int(cfg.train.steps)) as prog:
+                info = exp.train_stage(k, domain, prog.update)
         row = exp.evaluate(f"stage_{k}:{domain}")
         metrics = {**info, **row}
         if exp.is_main:

@@ -54,6 +54,23 @@ def test_sigkill_then_resume_gives_identical_matrix(point, reference, tmp_path):
     assert not list(rd.rglob("*.tmp")) and not list(rd.rglob("ckpt-*"))
 
 
+def test_a_stage_killed_during_its_evaluation_is_not_trained_again(reference, tmp_path):
+    rd = tmp_path / "run"
+    res = _gain(["run", *BASE, "method=lora", f"run_dir={rd}"], {"GAIN_FAULT_KILL_AT": "eval.stage_1.code"})
+    assert res.returncode == -signal.SIGKILL
+    res = _gain(["run", *BASE, "method=lora", f"run_dir={rd}", "resume=true"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "trained before the run stopped, applying its saved state" in " ".join(res.stdout.split())
+    log = [json.loads(line) for line in (rd / "train_log.jsonl").read_text().splitlines()]
+    steps = [(r["stage"], r["step"]) for r in log]
+    assert len(steps) == len(set(steps))  # stage 1's steps were logged once: it was not trained again
+    for k in (1, 2):
+        ours = json.loads((rd / "stages" / f"stage_{k}" / "metrics.json").read_text())
+        ref = json.loads((reference / "stages" / f"stage_{k}" / "metrics.json").read_text())
+        assert ours["train"]["losses"] == ref["train"]["losses"] and ours["ppl"] == ref["ppl"]
+    assert _values(rd) == _values(reference)
+
+
 def test_bf16_run_killed_mid_stage_resumes_to_the_uninterrupted_matrix(tmp_path):
     """bf16 autocast, GAIN-FFN (the model object goes on from stage to stage): killed in stage 2 after its step-4
     checkpoint, the resumed process trains stage 2's last steps under the same autocast as the uninterrupted run."""
