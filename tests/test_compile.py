@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from gain_cli.cli import app
 from gain_cli.models import compiling
-from tiny_models import tiny_model
+from tiny_models import tiny_method, tiny_model
 
 runner = CliRunner()
 WHY = compiling.compile_unavailable("cpu")
@@ -15,11 +15,7 @@ needs_toolchain = pytest.mark.skipif(WHY is not None, reason=f"torch.compile can
 
 
 def _gain_model():
-    from gain_cli.architectures import arch_for
-    from gain_cli.methods import build_method
-
-    method = build_method({"name": "gain_ffn", "kind": "gain", "modules": ["attn", "ffn"], "lr": 1e-2, "weight_decay": 0.0},
-                          arch_for("llama"))
+    method = tiny_method("gain_ffn", lr=1e-2)
     return method.attach(tiny_model("llama")), method
 
 

@@ -23,6 +23,19 @@ def _gain(args, env_extra=None, timeout=300):
     return subprocess.run([sys.executable, "-m", "gain_cli", *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 
+def _killed_at(point: str, args: list[str], rd: Path) -> None:
+    """``gain <args> run_dir=rd``, killed with SIGKILL at ``point`` (faults.point)."""
+    res = _gain([*args, f"run_dir={rd}"], {"GAIN_FAULT_KILL_AT": point})
+    assert res.returncode == -signal.SIGKILL, (res.returncode, res.stderr[-2000:])
+
+
+def _resumed(args: list[str], rd: Path) -> subprocess.CompletedProcess:
+    """The same command with resume=true, finished."""
+    res = _gain([*args, f"run_dir={rd}", "resume=true"])
+    assert res.returncode == 0, res.stderr[-2000:]
+    return res
+
+
 def _values(rd: Path):
     return json.loads((rd / "ppl_matrix.json").read_text())["values"]
 
@@ -43,23 +56,19 @@ def reference(tmp_path_factory):
     "stage2.step12",           # end of the last stage, before its state is saved
 ])
 def test_sigkill_then_resume_gives_identical_matrix(point, reference, tmp_path):
-    rd = tmp_path / "run"
-    res = _gain(["run", *BASE, "method=lora", f"run_dir={rd}"], {"GAIN_FAULT_KILL_AT": point})
-    assert res.returncode == -signal.SIGKILL, (res.returncode, res.stderr[-2000:])
+    rd, args = tmp_path / "run", ["run", *BASE, "method=lora"]
+    _killed_at(point, args, rd)
     for f in rd.rglob("*.json"):
         json.loads(f.read_text())  # no partially written file is ever in place
-    res = _gain(["run", *BASE, "method=lora", f"run_dir={rd}", "resume=true"])
-    assert res.returncode == 0, res.stderr[-2000:]
+    _resumed(args, rd)
     assert _values(rd) == _values(reference)
     assert not list(rd.rglob("*.tmp")) and not list(rd.rglob("ckpt-*"))
 
 
 def test_a_stage_killed_during_its_evaluation_is_not_trained_again(reference, tmp_path):
-    rd = tmp_path / "run"
-    res = _gain(["run", *BASE, "method=lora", f"run_dir={rd}"], {"GAIN_FAULT_KILL_AT": "eval.stage_1.code"})
-    assert res.returncode == -signal.SIGKILL
-    res = _gain(["run", *BASE, "method=lora", f"run_dir={rd}", "resume=true"])
-    assert res.returncode == 0, res.stderr[-2000:]
+    rd, args = tmp_path / "run", ["run", *BASE, "method=lora"]
+    _killed_at("eval.stage_1.code", args, rd)
+    res = _resumed(args, rd)
     assert "trained before the run stopped, applying its saved state" in " ".join(res.stdout.split())
     log = [json.loads(line) for line in (rd / "train_log.jsonl").read_text().splitlines()]
     steps = [(r["stage"], r["step"]) for r in log]
@@ -77,10 +86,8 @@ def test_bf16_run_killed_mid_stage_resumes_to_the_uninterrupted_matrix(tmp_path)
     args = ["run", *BASE, "method=gain_ffn", "train.mixed_precision=bf16"]
     res = _gain([*args, f"run_dir={tmp_path / 'whole'}"])
     assert res.returncode == 0, res.stderr[-2000:]
-    res = _gain([*args, f"run_dir={tmp_path / 'killed'}"], {"GAIN_FAULT_KILL_AT": "stage2.step6"})
-    assert res.returncode == -signal.SIGKILL, (res.returncode, res.stderr[-2000:])
-    res = _gain([*args, f"run_dir={tmp_path / 'killed'}", "resume=true"])
-    assert res.returncode == 0, res.stderr[-2000:]
+    _killed_at("stage2.step6", args, tmp_path / "killed")
+    _resumed(args, tmp_path / "killed")
     assert _values(tmp_path / "killed") == _values(tmp_path / "whole")
 
 

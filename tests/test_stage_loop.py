@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gain_cli.errors import GainError
-from tiny_models import tiny_model
+from tiny_models import tiny_method, tiny_model
 
 BLOCKS = torch.randint(3, 300, (6, 16), generator=torch.Generator().manual_seed(0))
 CFG = {"steps": 2, "batch_size": 2, "schedule": "constant"}
@@ -23,13 +23,7 @@ def fresh_accelerate_state():
     GradientState._reset_state()
 
 
-def _method(name: str):
-    from gain_cli.architectures import arch_for
-    from gain_cli.methods import build_method
-
-    cfgs = {"gain_ffn": {"name": "gain_ffn", "kind": "gain", "modules": ["attn", "ffn"], "lr": 1e-2, "weight_decay": 0.0},
-            "full_ft": {"name": "full_ft", "kind": "full_ft", "lr": 1e-4, "weight_decay": 0.0}}
-    return build_method(cfgs[name], arch_for("llama"))
+LR = {"gain_ffn": 1e-2, "full_ft": 1e-4}
 
 
 @pytest.mark.parametrize("method_name", ["gain_ffn", "full_ft"])
@@ -43,7 +37,7 @@ def test_every_stage_of_a_process_trains_under_the_configured_precision(method_n
 
     from gain_cli.training.loop import train_stage
 
-    model, method = tiny_model("llama"), _method(method_name)
+    model, method = tiny_model("llama"), tiny_method(method_name, lr=LR[method_name])
     acc = Accelerator(mixed_precision=precision)
     seen: dict[int, list[bool]] = {}
     stage = 0
@@ -68,7 +62,7 @@ def test_fp16_loss_scaler_restarts_every_stage_and_is_checkpointed(tmp_path, fre
     acc = Accelerator()
     acc.scaler = torch.amp.GradScaler("cpu", init_scale=8.0, growth_interval=1)  # what fp16 on a GPU sets up
     acc.gain_initial_scaler_state = acc.scaler.state_dict()
-    model, method = tiny_model("llama"), _method("gain_ffn")
+    model, method = tiny_model("llama"), tiny_method("gain_ffn", lr=LR["gain_ffn"])
     model = method.attach(model)
     optimizer = torch.optim.AdamW([p for _, p in method.trainable_parameters(model)])
     acc.scaler.scale(torch.ones(()))  # the scaler's lazy start, as in a first backward

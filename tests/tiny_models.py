@@ -47,6 +47,18 @@ def tiny_config(model_type: str):
                                 initializer_range=0.2, **TINY_CONFIGS[model_type])
 
 
+def tiny_method(name: str, model_type: str = "llama", **changes):
+    """The method ``name`` as shipped (``configs/method/<name>.yaml``, with ``changes``) for a tiny ``model_type``."""
+    from omegaconf import OmegaConf
+
+    from gain_cli.architectures import arch_for
+    from gain_cli.config import compose_config
+    from gain_cli.methods import build_method
+
+    cfg = OmegaConf.to_container(compose_config([f"method={name}"], "tiny_8domains").method, resolve=True)
+    return build_method({**cfg, **changes}, arch_for(model_type))
+
+
 def tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A tiny randomly initialised ``*ForCausalLM`` of ``model_type`` in eval mode."""
     from transformers import AutoModelForCausalLM
