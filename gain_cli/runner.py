@@ -220,13 +220,16 @@ class Experiment:
         from gain_cli.evaluation.perplexity import evaluate_blocks
 
         model = model if model is not None else self.model
-        out: dict[str, Any] = {"row": row, "ppl": {}, "loss": {}, "eval_tokens": {}}
+        # block_nll: the NLL sum of each validation block (eval_tokens / blocks predicted tokens each), kept for
+        # the confidence intervals of every perplexity and metric (gain_cli.reporting.uncertainty)
+        out: dict[str, Any] = {"row": row, "ppl": {}, "loss": {}, "eval_tokens": {}, "block_nll": {}}
         t0 = time.perf_counter()
         for d in self.domains:
             faults.point(f"eval.{row.split(':')[0]}.{d}")
             r = evaluate_blocks(model, self.eval_blocks[d], int(self.cfg.eval.batch_size), self.accelerator,
                                 compile=bool(self.cfg.eval.get("compile", False)))
             out["ppl"][d], out["loss"][d], out["eval_tokens"][d] = r.ppl, r.loss, r.tokens
+            out["block_nll"][d] = r.block_nll
         out["eval_seconds"] = round(time.perf_counter() - t0, 3)
         harness_cfg = self.cfg.eval.get("harness")
         if harness_cfg is not None and harness_cfg.get("enabled"):

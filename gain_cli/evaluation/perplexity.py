@@ -3,13 +3,14 @@
 PPL = exp( sum of next-token NLL over every predicted token of every block / number of predicted tokens ).
 Each block of B tokens predicts B-1 tokens. Under several processes each evaluates a strided shard
 of the blocks and the (NLL sum, token count) pairs are summed across processes, so the result
-equals the single-process one.
+equals the single-process one. The NLL sum of every block is kept too (``PplResult.block_nll``, in the
+blocks' order on every process): confidence intervals bootstrap over them (``gain_cli.reporting.uncertainty``).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,11 @@ from gain_cli.models.kv_cache import no_kv_cache
 class PplResult:
     nll_sum: float
     tokens: int
+    block_nll: list[float] = field(default_factory=list)  # NLL sum of each block, in the blocks' order
+
+    @property
+    def tokens_per_block(self) -> int:
+        return self.tokens // max(len(self.block_nll), 1)
 
     @property
     def loss(self) -> float:
@@ -60,6 +66,7 @@ def evaluate_blocks(model, blocks: torch.Tensor, batch_size: int, accelerator=No
     forward = maybe_compile(model, compile, device, "eval.compile")
     nll = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
+    per_block = torch.zeros(blocks.shape[0], dtype=torch.float64, device=device)  # this process's blocks filled in
     n_real = shard.shape[0]
     if compile and n_real:
         # one shape for every forward; built here (an inference tensor) for every sweep, so that dynamo's guards
@@ -69,9 +76,13 @@ def evaluate_blocks(model, blocks: torch.Tensor, batch_size: int, accelerator=No
         for start in range(0, shard.shape[0], batch_size):
             ids = shard[start:start + batch_size].to(device)
             per_token = block_nll(forward, ids, autocast_dtype)[: n_real - start]
-            nll += per_token.double().sum()
+            sums = per_token.double().sum(dim=1)
+            nll += sums.sum()
             count += per_token.numel()
+            first = rank + start * world  # shard row i is block rank + i * world
+            per_block[first: first + world * sums.shape[0]: world] = sums
     if world > 1:
         nll, count = accelerator.reduce(nll, "sum"), accelerator.reduce(count, "sum")
+        per_block = accelerator.reduce(per_block, "sum")
     model.train(was_training)
-    return PplResult(float(nll), int(count))
+    return PplResult(float(nll), int(count), [float(x) for x in per_block.cpu()])
