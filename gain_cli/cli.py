@@ -166,6 +166,28 @@ def demo(
     run_demo(console, [m.strip() for m in methods.split(",") if m.strip()], overrides or [])
 
 
+@app.command(context_settings=OVERRIDES)
+@user_errors
+def study(
+    overrides: Optional[list[str]] = typer.Argument(None, help="key=value overrides applied to every run"),
+    size: str = typer.Option("default", "--size", help="default (SmolLM2-135M, recipe smollm2_study) or tiny "
+                                                      "(tiny model, recipe tiny_study, < 3 min)."),
+    sweep: Optional[str] = typer.Option(None, "--sweep", help="lr-select (the learning-rate rule) or lora-lr (the "
+                                                              "paper's Figure 2) instead of the study itself."),
+    output_root: Path = typer.Option(Path("runs"), "--output-root", help="Where the study's runs and report go."),
+) -> None:
+    """The study: GAIN-attn, GAIN-FFN, LoRA, full FT and (IA)3 under one budget and protocol, several seeds, one
+    report with 95 % intervals and a verdict per claim of the paper. Resumes where it stopped.
+
+    Example: gain study                      (make study; runs/smollm2_study/report/report.md)
+    Example: gain study --size tiny          (the same pipeline on a tiny model)
+    Example: gain study --sweep lr-select    (re-derive the recipe's learning rates)
+    """
+    from gain_cli.study import run_study
+
+    run_study(console, size=size, sweep=sweep, overrides=overrides or [], output_root=output_root)
+
+
 @app.command()
 @user_errors
 def bench(

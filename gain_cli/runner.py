@@ -39,6 +39,7 @@ from gain_cli import faults
 from gain_cli.config import config_differences, config_hash, to_yaml
 from gain_cli.errors import GainError
 from gain_cli.io import atomic_save_safetensors, atomic_write_json, atomic_write_text, read_json
+from gain_cli.reporting.matrices import collect_rows, finished_stages  # noqa: F401  (the run directory's rows)
 
 STATE_FILE = "method_state.safetensors"
 TRAIN_FILE = "train.json"  # what training a stage reported, saved with its state
@@ -135,25 +136,6 @@ def seed_everything(seed: int) -> None:
 
 
 # --- results ---------------------------------------------------------------------------------
-
-def finished_stages(run_dir: Path) -> list[int]:
-    out = []
-    k = 1
-    while (run_dir / "stages" / f"stage_{k}" / "metrics.json").is_file():
-        out.append(k)
-        k += 1
-    return out
-
-
-def collect_rows(run_dir: Path) -> list[dict[str, Any]]:
-    """Row 0 (base) and the rows of the finished stages, in order."""
-    rows = []
-    base = run_dir / "base" / "metrics.json"
-    if base.is_file():
-        rows.append(read_json(base))
-    rows += [read_json(run_dir / "stages" / f"stage_{k}" / "metrics.json") for k in finished_stages(run_dir)]
-    return rows
-
 
 def write_matrices(run_dir: Path, domains: list[str]) -> None:
     from gain_cli.reporting.matrices import write_matrix
@@ -446,8 +428,12 @@ def _run_rows(exp: Experiment, cfg: DictConfig, console, emit: Callable) -> None
         exp.say(f"resuming {run_dir}: stages 1..{done[-1]} finished, rebuilding them from their saved states")
         exp.rebuild(done[-1])
     if not base_done:
-        exp.say("evaluating the base model on every domain (row 0)")
-        row = exp.evaluate("base")
+        row = on_main_shared(acc, lambda: shared_base_row(cfg))
+        if row is not None:
+            exp.say(f"row 0 (base model) taken from {cfg.base_row}: the same model, domains and evaluation")
+        else:
+            exp.say("evaluating the base model on every domain (row 0)")
+            row = {**exp.evaluate("base"), "base_key": base_row_key(cfg)}
         if exp.is_main:
             atomic_write_json(run_dir / "base" / "metrics.json", row)
             write_matrices(run_dir, exp.domains)
@@ -474,6 +460,33 @@ def _run_rows(exp: Experiment, cfg: DictConfig, console, emit: Callable) -> None
                     f"{info['train']['tokens_per_s']:.0f} tok/s")
         emit("row", metrics)
         acc.wait_for_everyone()
+
+
+def base_row_key(cfg: DictConfig) -> str:
+    """What row 0 depends on: the model, the domains and the evaluation settings (not the method or the seed)."""
+    import hashlib
+
+    part = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "domains", "eval")}
+    return hashlib.sha256(OmegaConf.to_yaml(OmegaConf.create(part)).encode()).hexdigest()[:16]
+
+
+def shared_base_row(cfg: DictConfig) -> dict[str, Any] | None:
+    """Row 0 from ``cfg.base_row`` (another run's ``base/metrics.json`` or run directory) when it was computed for
+    the same model, domains and evaluation (its ``base_key``); None when unset or missing. A file computed for other
+    settings is an error (it would silently give the run a wrong row 0)."""
+    src = cfg.get("base_row")
+    if not src:
+        return None
+    path = Path(os.path.expanduser(str(src)))
+    if path.is_dir():
+        path = path / "base" / "metrics.json"
+    if not path.is_file():
+        return None
+    row = read_json(path)
+    if row.get("base_key") != base_row_key(cfg):
+        raise GainError(f"base_row={src}: that row 0 was computed for another model, domain set or evaluation "
+                        "config; remove base_row to evaluate the base model in this run")
+    return row
 
 
 def estimate_runtime(exp: Experiment, stages_left: int, base_missing: bool) -> str:

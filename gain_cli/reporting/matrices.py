@@ -164,11 +164,46 @@ class RunResult:
         return str(self.info.get("status") or ("complete" if self.complete else "partial"))
 
     @cached_property
+    def samples(self):
+        """Per-block NLLs and per-item scores of the rows (:class:`~gain_cli.reporting.uncertainty.RunSamples`),
+        or None when the run did not keep them (made before they were kept)."""
+        from gain_cli.reporting.uncertainty import run_samples
+
+        rows = collect_rows(self.path)[: len(self.rows)]
+        try:
+            return run_samples(rows, self.domains) if len(rows) == len(self.rows) else None
+        except GainError:
+            return None
+
+    @cached_property
     def metrics(self):
         """The run's :class:`~gain_cli.reporting.metrics.ForgettingMetrics` (computed once)."""
         from gain_cli.reporting.metrics import compute_metrics
 
         return compute_metrics(self.ppl, self.domains, self.harness)
+
+
+def finished_stages(run_dir: Path) -> list[int]:
+    """Stages 1..K whose ``stages/stage_K/metrics.json`` exists (a stage counts as finished once it is written)."""
+    out = []
+    k = 1
+    while (Path(run_dir) / "stages" / f"stage_{k}" / "metrics.json").is_file():
+        out.append(k)
+        k += 1
+    return out
+
+
+def collect_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """Row 0 (base) and the rows of the finished stages, in order (each row's whole ``metrics.json``)."""
+    from gain_cli.io import read_json
+
+    run_dir = Path(run_dir)
+    rows = []
+    base = run_dir / "base" / "metrics.json"
+    if base.is_file():
+        rows.append(read_json(base))
+    rows += [read_json(run_dir / "stages" / f"stage_{k}" / "metrics.json") for k in finished_stages(run_dir)]
+    return rows
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:
