@@ -149,6 +149,17 @@ def test_boolq_accuracy_equals_manual_loglikelihood(setup):
     assert _lmeval_choices(setup.raw) == setup.preds
 
 
+def test_per_item_is_each_docs_correctness_in_doc_order(setup):
+    """run_harness's per_item: one 0.0/1.0 per item in file order (the manual choice equals the label), mean = acc."""
+    res = run_harness(setup.model, setup.tok, {"boolq_path": str(setup.data), "batch_size": 3}, setup.work)["boolq"]
+    expect = [float(p == int(it["label"])) for p, it in zip(setup.preds, ITEMS)]
+    assert res["per_item"] == expect
+    assert len(res["per_item"]) == res["n"] == len(ITEMS)
+    assert sum(res["per_item"]) / res["n"] == pytest.approx(res["acc"])
+    limited = run_harness(setup.model, setup.tok, {"boolq_path": str(setup.data), "limit": 3}, setup.work)["boolq"]
+    assert limited["per_item"] == expect[:3] and limited["n"] == 3
+
+
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
 def test_score_yes_no_agrees_with_lmeval_per_item(setup, batch_size):
     items = load_boolq_jsonl(setup.data)
@@ -187,7 +198,7 @@ def test_limit_and_offline_default(tmp_path):
     model = _model(tok, 0)
     res = run_harness(model, tok, {"limit": 5}, tmp_path)  # conftest sets HF_HUB_OFFLINE=1
     assert set(res) == {"boolq"} and res["boolq"]["n"] == 5
-    assert set(res["boolq"]) == {"acc", "acc_stderr", "n"}
+    assert set(res["boolq"]) == {"acc", "acc_stderr", "n", "per_item"}
     assert [json.loads(x)["question"] for x in (tmp_path / "boolq.jsonl").read_text().splitlines()] == \
         [it["question"] for it in load_boolq_jsonl(BUILTIN_BOOLQ)]
     assert run_harness(model, tok, {"limit": 0.5, "boolq_path": "builtin"}, tmp_path)["boolq"]["n"] == 12

@@ -532,16 +532,35 @@ def summarize_results(results: Mapping[str, Any]) -> dict[str, dict[str, float]]
     return out
 
 
-def run_harness(model: torch.nn.Module, tokenizer: Any, cfg: Mapping[str, Any] | None,
-                work_dir: str | Path) -> dict[str, dict[str, float]]:
-    """Evaluate the in-memory model on ``cfg["tasks"]`` with lm-eval; ``{task: {"acc", "acc_stderr", "n", ...}}``.
+def per_item_acc(results: Mapping[str, Any], task: str) -> list[float] | None:
+    """The per-doc ``acc`` (0.0/1.0) of ``task`` in doc order, from lm-eval's logged samples (None when the task has
+    no samples or its samples carry no ``acc``, e.g. a group or a perplexity task)."""
+    samples = (results.get("samples") or {}).get(task)
+    if not samples or any("acc" not in s for s in samples):
+        return None
+    return [float(s["acc"]) for s in sorted(samples, key=lambda s: int(s["doc_id"]))]
 
-    ``cfg`` is the eval config's ``harness`` block (see HARNESS_DEFAULTS); ``work_dir`` receives the local task YAML,
-    the normalised BoolQ file and its datasets cache. Returns {} when disabled. The model's train/eval modes, the
-    global random streams and the weights are as before.
+
+def run_harness(model: torch.nn.Module, tokenizer: Any, cfg: Mapping[str, Any] | None,
+                work_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """Evaluate the in-memory model on ``cfg["tasks"]`` with lm-eval; ``{task: {"acc", "acc_stderr", "n", "per_item",
+    ...}}``.
+
+    ``per_item`` is the list of per-doc ``acc`` values (0.0/1.0) in doc order (lm-eval's logged samples; its mean is
+    ``acc`` and its length ``n``), for confidence intervals by bootstrap over items. ``cfg`` is the eval config's
+    ``harness`` block (see HARNESS_DEFAULTS); ``work_dir`` receives the local task YAML, the normalised BoolQ file and
+    its datasets cache. Returns {} when disabled. The model's train/eval modes, the global random streams and the
+    weights are as before.
     """
-    results = harness_results(model, tokenizer, cfg, work_dir)
-    return {} if results is None else summarize_results(results)
+    results = harness_results(model, tokenizer, cfg, work_dir, log_samples=True)
+    if results is None:
+        return {}
+    out: dict[str, dict[str, Any]] = summarize_results(results)
+    for task, row in out.items():
+        items = per_item_acc(results, task)
+        if items is not None:
+            row["per_item"] = items
+    return out
 
 
 # --------------------------------------------------------------------------------------------- fast path
