@@ -27,7 +27,7 @@ from pathlib import Path
 from gain_cli.data import demo_fetch as F
 from gain_cli.errors import GainError
 
-FORTUNES_PACKAGE = "fortunes"
+FORTUNES_PACKAGES = ("fortunes-min", "fortunes")   # fortunes-min has literature; fortunes the rest
 FORTUNES_DIR = "usr/share/games/fortunes"
 CLOZE_CATEGORIES = ("art", "education", "food", "humorists", "kids", "literature", "love", "miscellaneous", "people",
                     "pets", "platitudes", "politics", "sports", "wisdom", "work")
@@ -98,16 +98,19 @@ def cloze_from_files(files: dict[str, str], n: int = CLOZE_ITEMS) -> tuple[list[
 
 
 def fetch_cloze(dl: Path, log, n: int = CLOZE_ITEMS) -> tuple[list[dict], dict]:
-    """(cloze items, their sources.json record) from Debian ``fortunes``."""
-    deb = F.apt_download(FORTUNES_PACKAGE, dl, log)
+    """(cloze items, their sources.json record) from Debian ``fortunes`` (``literature`` is in ``fortunes-min``)."""
     members = [f"{FORTUNES_DIR}/{c}" for c in CLOZE_CATEGORIES]
-    root = F.extract_deb(deb, dl, members)
-    missing = [c for c in CLOZE_CATEGORIES if not (root / FORTUNES_DIR / c).is_file()]
-    if missing:
-        raise GainError(f"Debian package {FORTUNES_PACKAGE} ({deb.name}) has no fortune file(s) {', '.join(missing)}")
-    files = {c: (root / FORTUNES_DIR / c).read_text(encoding="utf-8", errors="replace") for c in CLOZE_CATEGORIES}
+    debs = [F.apt_download(pkg, dl, log) for pkg in FORTUNES_PACKAGES]
+    roots = [F.extract_deb(deb, dl, members) for deb in debs]
+    files = {}
+    for cat in CLOZE_CATEGORIES:
+        found = [r / FORTUNES_DIR / cat for r in roots if (r / FORTUNES_DIR / cat).is_file()]
+        if not found:
+            raise GainError(f"Debian packages {' and '.join(d.name for d in debs)} have no fortune file {cat}")
+        files[cat] = found[0].read_text(encoding="utf-8", errors="replace")
     items, counts = cloze_from_files(files, n)
-    record = {"registry": "debian", "package": FORTUNES_PACKAGE, "version": F.deb_version(deb),
+    versions = sorted({F.deb_version(d) for d in debs})
+    record = {"registry": "debian", "package": " + ".join(FORTUNES_PACKAGES), "version": ", ".join(versions),
               "file_or_path": f"{FORTUNES_DIR}/{{{','.join(CLOZE_CATEGORIES)}}} ({sum(counts.values())} quotations; "
                               f"{MIN_WORDS}-{MAX_WORDS} words, ending in a lower-case word)",
               "licence": "BSD-4-Clause-UC (fortune-mod, University of California; debian/copyright); "
