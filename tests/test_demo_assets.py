@@ -296,10 +296,29 @@ def test_build_demo_is_instant_when_built(tmp_path):
     root = tmp_path / "demo8"
     root.mkdir()
     (root / "BUILD_OK").write_text("{}")
+    (root / "cloze.jsonl").write_text('{"text": "a b", "idx": 0}\n')
     calls = []
     t0 = time.perf_counter()
     assert build_demo(root, tmp_path / "no-downloads", log=calls.append) == root
     assert time.perf_counter() - t0 < 0.5 and not calls and not (tmp_path / "no-downloads").exists()
+
+
+def test_a_root_built_before_the_cloze_set_gets_only_it(tmp_path, monkeypatch):
+    import gain_cli.data.demo as demo
+
+    root = tmp_path / "demo8"
+    root.mkdir()
+    (root / "BUILD_OK").write_text("{}")
+    (root / "sources.json").write_text("[]")
+    item = {"text": "the last word", "idx": 0}
+    monkeypatch.setattr(demo, "fetch_cloze", lambda dl, log, n: ([item], {"registry": "debian", "package": "p",
+                                                                          "version": "1", "file_or_path": "f",
+                                                                          "licence": "l"}))
+    assert build_demo(root, tmp_path / "dl", log=lambda *a: None) == root
+    assert [json.loads(x) for x in (root / "cloze.jsonl").read_text().splitlines()] == [item]
+    rec = json.loads((root / "cloze.json").read_text())
+    assert (rec["domain"], rec["documents"], rec["kind"]) == ("cloze", 1, "eval")
+    assert (root / "sources.json").read_text() == "[]" and (root / "BUILD_OK").read_text() == "{}"
 
 
 def test_domain_list_and_sources_table():
@@ -399,7 +418,7 @@ def test_build_demo_for_real(tmp_path):
     assert (root / "BUILD_OK").is_file()
     assert json.loads((root / "BUILD_OK").read_text())["version"] == BUILD_VERSION
     sources = json.loads((root / "sources.json").read_text())
-    assert [s["domain"] for s in sources] == [*DEMO_DOMAINS, "boolq"]
+    assert [s["domain"] for s in sources] == [*DEMO_DOMAINS, "boolq", "cloze"]
     for s in sources:
         assert set(SOURCE_FIELDS) <= set(s)
     for d in DEMO_DOMAINS:

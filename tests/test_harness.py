@@ -18,6 +18,7 @@ from gain_cli.evaluation.harness import (
     boolq_prompt,
     boolq_source,
     harness_results,
+    interleave_labels,
     load_boolq_jsonl,
     resolve_harness_cfg,
     run_harness,
@@ -115,7 +116,7 @@ def setup(request, tmp_path_factory):
     model, preds, acc = _pick_model(tok)
     data = _write_items(tmp_path_factory.mktemp("boolq") / "items.jsonl")
     work = tmp_path_factory.mktemp("harness")
-    raw = harness_results(model, tok, {"boolq_path": str(data), "batch_size": 3}, work, log_samples=True)
+    raw = harness_results(model, tok, {"boolq_path": str(data), "boolq_balanced": False, "batch_size": 3}, work, log_samples=True)
     return SimpleNamespace(kind=request.param, tok=tok, model=model, preds=preds, acc=acc, data=data, work=work,
                            raw=raw)
 
@@ -140,13 +141,30 @@ def test_lmeval_prompt_is_stock_boolq(setup):
 
 
 def test_boolq_accuracy_equals_manual_loglikelihood(setup):
-    res = run_harness(setup.model, setup.tok, {"boolq_path": str(setup.data), "batch_size": 3}, setup.work)
+    res = run_harness(setup.model, setup.tok, {"boolq_path": str(setup.data), "boolq_balanced": False, "batch_size": 3}, setup.work)
     assert set(res) == {"boolq"}
     assert res["boolq"]["n"] == len(ITEMS)
     assert res["boolq"]["acc"] == pytest.approx(setup.acc)
     assert res["boolq"]["acc"] != 0.5 and 0 < sum(setup.preds) < len(ITEMS)
     assert res["boolq"]["acc_stderr"] > 0
     assert _lmeval_choices(setup.raw) == setup.preds
+
+
+def test_per_item_is_each_docs_correctness_in_doc_order(setup):
+    """run_harness's per_item: one 0.0/1.0 per item in file order (the manual choice equals the label), mean = acc."""
+    res = run_harness(setup.model, setup.tok, {"boolq_path": str(setup.data), "boolq_balanced": False, "batch_size": 3}, setup.work)["boolq"]
+    expect = [float(p == int(it["label"])) for p, it in zip(setup.preds, ITEMS)]
+    assert res["per_item"] == expect
+    assert len(res["per_item"]) == res["n"] == len(ITEMS)
+    assert sum(res["per_item"]) / res["n"] == pytest.approx(res["acc"])
+    cfg = {"boolq_path": str(setup.data), "limit": 3}
+    limited = run_harness(setup.model, setup.tok, {**cfg, "boolq_balanced": False}, setup.work)["boolq"]
+    assert limited["per_item"] == expect[:3] and limited["n"] == 3
+    # balanced (the default): doc order is yes/no/yes/no (each side in file order): items 0, 1, 2, 3 ...
+    order = [it["i"] for it in interleave_labels([{**it, "i": i} for i, it in enumerate(ITEMS)])]
+    balanced = run_harness(setup.model, setup.tok, {**cfg, "limit": 4}, setup.work)["boolq"]
+    assert [bool(ITEMS[i]["label"]) for i in order[:4]] == [True, False, True, False]
+    assert balanced["per_item"] == [expect[i] for i in order[:4]]
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
@@ -187,7 +205,10 @@ def test_limit_and_offline_default(tmp_path):
     model = _model(tok, 0)
     res = run_harness(model, tok, {"limit": 5}, tmp_path)  # conftest sets HF_HUB_OFFLINE=1
     assert set(res) == {"boolq"} and res["boolq"]["n"] == 5
-    assert set(res["boolq"]) == {"acc", "acc_stderr", "n"}
+    assert set(res["boolq"]) == {"acc", "acc_stderr", "n", "per_item"}
+    assert [json.loads(x)["question"] for x in (tmp_path / "boolq.jsonl").read_text().splitlines()] == \
+        [it["question"] for it in interleave_labels(load_boolq_jsonl(BUILTIN_BOOLQ))]  # boolq_balanced: yes/no/yes/...
+    run_harness(model, tok, {"limit": 5, "boolq_balanced": False}, tmp_path)
     assert [json.loads(x)["question"] for x in (tmp_path / "boolq.jsonl").read_text().splitlines()] == \
         [it["question"] for it in load_boolq_jsonl(BUILTIN_BOOLQ)]
     assert run_harness(model, tok, {"limit": 0.5, "boolq_path": "builtin"}, tmp_path)["boolq"]["n"] == 12
@@ -237,7 +258,7 @@ class _QuackingLM(torch.nn.Module):
 
 def test_module_that_quacks_like_a_model(setup, tmp_path):
     wrapped = _QuackingLM(setup.model)
-    res = run_harness(wrapped, setup.tok, {"boolq_path": str(setup.data)}, tmp_path)
+    res = run_harness(wrapped, setup.tok, {"boolq_path": str(setup.data), "boolq_balanced": False}, tmp_path)
     assert res["boolq"]["acc"] == pytest.approx(setup.acc)
     assert score_yes_no(wrapped, setup.tok, ITEMS) == setup.preds
 

@@ -7,11 +7,13 @@ them deterministically (by a hash of each document) into train/validation, caps 
 
     <root>/<domain>/train.jsonl, <root>/<domain>/validation.jsonl   one {"text": ...} per line, UTF-8
     <root>/boolq.jsonl                                               {"question", "passage", "label", "idx"}
+    <root>/cloze.jsonl, <root>/cloze.json                            {"text", "idx"} last-word items; their source
     <root>/sources.json, <root>/sources.md                           registry, package, version, licence, bytes
     <root>/BUILD_OK                                                  written last: the build is complete
 
-Every file is written atomically; a second call returns at once while ``BUILD_OK`` exists (``force=True`` rebuilds,
-from the download cache). See docs/data-sources.md for the sources and their licences.
+Every file is written atomically; a second call returns at once while ``BUILD_OK`` and ``cloze.jsonl`` exist
+(``force=True`` rebuilds, from the download cache; a root built before the cloze set existed gets only
+``cloze.jsonl``/``cloze.json`` added, its other files untouched). See docs/data-sources.md for the sources and their licences.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gain_cli.data.cloze import CLOZE_ITEMS, fetch_cloze
 from gain_cli.data.demo_sources import SOURCES, fetch_boolq
 from gain_cli.data.demo_text import cap_documents, prepare_documents, split_documents
 from gain_cli.data.domains import write_documents
@@ -45,6 +48,25 @@ SOURCE_FIELDS = ("domain", "registry", "package", "version", "file_or_path", "li
 
 def is_built(root: str | os.PathLike) -> bool:
     return (Path(os.path.expanduser(str(root))) / "BUILD_OK").is_file()
+
+
+def is_complete(root: str | os.PathLike) -> bool:
+    """Built, cloze set included."""
+    return is_built(root) and (Path(os.path.expanduser(str(root))) / "cloze.jsonl").is_file()
+
+
+def build_cloze(root: Path, download_dir: Path, log=print) -> dict[str, Any]:
+    """``<root>/cloze.jsonl`` (last-word items from Debian fortunes) and its record ``<root>/cloze.json``."""
+    items, rec = fetch_cloze(download_dir, log, CLOZE_ITEMS)
+    if not items:
+        raise GainError("the cloze set is empty (Debian fortunes)")
+    text = "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items)
+    record = {"domain": "cloze", **rec, "bytes_train": 0, "bytes_validation": len(text.encode("utf-8")),
+              "documents": len(items), "kind": "eval"}
+    atomic_write_json(root / "cloze.json", record)   # before the items: cloze.jsonl marks the set complete
+    atomic_write_text(root / "cloze.jsonl", text)
+    log(f"  {'cloze':12s} {len(items)} last-word items from Debian {rec['package']} {rec['version']}")
+    return record
 
 
 def text_bytes(docs: list[str]) -> int:
@@ -86,10 +108,13 @@ def build_demo(root: Path, download_dir: Path, *, force: bool = False, log=print
     """Build the demo domains and the BoolQ-format set into ``root`` (see the module doc); returns ``root``."""
     root = Path(os.path.expanduser(str(root)))
     download_dir = Path(os.path.expanduser(str(download_dir)))
-    if is_built(root) and not force:
+    if is_complete(root) and not force:
         return root
     with file_lock(root.parent / f".{root.name}.build.lock"):
-        if is_built(root) and not force:  # built by another process while we waited
+        if is_complete(root) and not force:  # built by another process while we waited
+            return root
+        if is_built(root) and not force:  # built before the cloze set existed: add it, touch nothing else
+            build_cloze(root, download_dir, log)
             return root
         t0 = time.perf_counter()
         (root / "BUILD_OK").unlink(missing_ok=True)
@@ -109,6 +134,8 @@ def build_demo(root: Path, download_dir: Path, *, force: bool = False, log=print
                         "kind": "eval", "yes": n_yes, "no": len(items) - n_yes})
         log(f"  {'boolq':12s} {len(items)} yes/no items ({n_yes} yes, {len(items) - n_yes} no) from bigbench "
             f"{brec['version']} (MultiRC)")
+
+        records.append(build_cloze(root, download_dir, log))
 
         atomic_write_json(root / "sources.json", records)
         atomic_write_text(root / "sources.md", sources_markdown(records))

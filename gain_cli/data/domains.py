@@ -82,7 +82,9 @@ def ensure_domains(domains_cfg: Mapping[str, Any], cache_dir: str | Path, log=pr
         if missing:
             build_tiny(root, [d.name for d in missing])
     elif source == "demo":
-        if not (root / "BUILD_OK").is_file():
+        from gain_cli.data.demo import is_complete
+
+        if not is_complete(root):
             from gain_cli.data.demo import DEMO_DOMAINS, build_demo
 
             unknown = [d for d in sequence if d not in DEMO_DOMAINS]

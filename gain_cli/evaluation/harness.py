@@ -8,7 +8,10 @@ object and an explicit tokenizer. BoolQ comes from one of two places:
   ``gain_cli/evaluation/tasks/boolq_local.yaml`` with lm-eval's stock BoolQ prompt, choices and metric;
 * lm-eval's stock ``boolq`` task (the SuperGLUE validation split from the hub) when online and no path is given.
 
-Either way the result is reported under the name ``boolq``. Other names in ``tasks`` go to lm-eval's default task
+Either way the result is reported under the name ``boolq``. A local file is evaluated in yes/no/yes/no order
+(``boolq_balanced``, default true: each side in file order, the longer side's rest at the end), so that the first N
+items that ``limit`` keeps are balanced (±1) whatever the file's order. ``cloze`` is gain's local LAMBADA-style
+last-word task on ``cloze_path`` (gain_cli/evaluation/cloze.py). Other names in ``tasks`` go to lm-eval's default task
 index unchanged (building that index costs 5-9 s, once per process); a path to a task YAML file is
 loaded as is.
 
@@ -47,6 +50,8 @@ HARNESS_DEFAULTS: dict[str, Any] = {
     "enabled": True,
     "tasks": ["boolq"],
     "boolq_path": None,      # null: stock task online / packaged file offline; "builtin": packaged file; or a path
+    "boolq_balanced": True,  # local BoolQ file in yes/no/yes/no order (each side in file order): any first N balanced
+    "cloze_path": None,      # task `cloze`: a LAMBADA-format JSONL; null/"builtin": the packaged 16-item file
     "limit": None,           # int: first N items per task; float in (0, 1): that fraction
     "batch_size": 8,
     "num_fewshot": 0,
@@ -154,6 +159,7 @@ def resolve_harness_cfg(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
     if nf is not None and (isinstance(nf, bool) or not isinstance(nf, int) or nf < 0):
         raise GainError(f"eval.harness.num_fewshot must be null or an integer >= 0, got {nf!r}")
     out["enabled"] = bool(out["enabled"])
+    out["boolq_balanced"] = bool(out["boolq_balanced"])
     out["progress"] = bool(out["progress"])
     out["bootstrap_iters"] = int(out["bootstrap_iters"])
     return out
@@ -386,14 +392,28 @@ def _write_if_changed(path: Path, text: str) -> None:
         path.write_text(text, encoding="utf-8")
 
 
-def write_boolq_task(source: Path, work_dir: Path) -> Path:
-    """Normalise ``source`` into ``work_dir/boolq.jsonl`` and write the local ``boolq`` task YAML next to it.
+def interleave_labels(items: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Yes, no, yes, no, ... (each side in its file order; when one side runs out, the other's rest in order): the
+    first N items hold ceil(N/2) yes and floor(N/2) no while both sides last."""
+    yes = [it for it in items if it["label"]]
+    no = [it for it in items if not it["label"]]
+    out: list[Mapping[str, Any]] = []
+    for i in range(max(len(yes), len(no))):
+        out += [side[i] for side in (yes, no) if i < len(side)]
+    return out
+
+
+def write_boolq_task(source: Path, work_dir: Path, balanced: bool = False) -> Path:
+    """Normalise ``source`` into ``work_dir/boolq.jsonl`` (yes/no interleaved when ``balanced``) and write the local
+    ``boolq`` task YAML next to it.
 
     Returns the directory holding the YAML (to register with ``TaskManager(include_path=...)``).
     """
     import yaml
 
     items = load_boolq_jsonl(source)
+    if balanced:
+        items = interleave_labels(items)
     work_dir = Path(work_dir).resolve()
     task_dir = work_dir / "tasks"
     task_dir.mkdir(parents=True, exist_ok=True)
@@ -467,9 +487,15 @@ def harness_results(model: torch.nn.Module, tokenizer: Any, cfg: Mapping[str, An
             if source is not None:
                 if source == BUILTIN_BOOLQ and not cfg.get("boolq_path"):
                     log.info("hub offline: BoolQ evaluated on the packaged 24-item set (%s)", BUILTIN_BOOLQ)
-                local_dir = write_boolq_task(source, work_dir)
+                local_dir = write_boolq_task(source, work_dir, cfg["boolq_balanced"])
                 specs.append(str(local_dir / "boolq.yaml"))
                 continue
+        if name == "cloze":
+            from gain_cli.evaluation.cloze import cloze_source, write_cloze_task
+
+            local_dir = write_cloze_task(cloze_source(cfg), work_dir, _write_if_changed)
+            specs.append(str(local_dir / "cloze.yaml"))
+            continue
         path = Path(os.path.expanduser(name))
         if path.suffix in (".yaml", ".yml") and path.is_file():
             specs.append(str(path.resolve()))
@@ -532,16 +558,35 @@ def summarize_results(results: Mapping[str, Any]) -> dict[str, dict[str, float]]
     return out
 
 
-def run_harness(model: torch.nn.Module, tokenizer: Any, cfg: Mapping[str, Any] | None,
-                work_dir: str | Path) -> dict[str, dict[str, float]]:
-    """Evaluate the in-memory model on ``cfg["tasks"]`` with lm-eval; ``{task: {"acc", "acc_stderr", "n", ...}}``.
+def per_item_acc(results: Mapping[str, Any], task: str) -> list[float] | None:
+    """The per-doc ``acc`` (0.0/1.0) of ``task`` in doc order, from lm-eval's logged samples (None when the task has
+    no samples or its samples carry no ``acc``, e.g. a group or a perplexity task)."""
+    samples = (results.get("samples") or {}).get(task)
+    if not samples or any("acc" not in s for s in samples):
+        return None
+    return [float(s["acc"]) for s in sorted(samples, key=lambda s: int(s["doc_id"]))]
 
-    ``cfg`` is the eval config's ``harness`` block (see HARNESS_DEFAULTS); ``work_dir`` receives the local task YAML,
-    the normalised BoolQ file and its datasets cache. Returns {} when disabled. The model's train/eval modes, the
-    global random streams and the weights are as before.
+
+def run_harness(model: torch.nn.Module, tokenizer: Any, cfg: Mapping[str, Any] | None,
+                work_dir: str | Path) -> dict[str, dict[str, Any]]:
+    """Evaluate the in-memory model on ``cfg["tasks"]`` with lm-eval; ``{task: {"acc", "acc_stderr", "n", "per_item",
+    ...}}``.
+
+    ``per_item`` is the list of per-doc ``acc`` values (0.0/1.0) in doc order (lm-eval's logged samples; its mean is
+    ``acc`` and its length ``n``), for confidence intervals by bootstrap over items. ``cfg`` is the eval config's
+    ``harness`` block (see HARNESS_DEFAULTS); ``work_dir`` receives the local task YAML, the normalised BoolQ file and
+    its datasets cache. Returns {} when disabled. The model's train/eval modes, the global random streams and the
+    weights are as before.
     """
-    results = harness_results(model, tokenizer, cfg, work_dir)
-    return {} if results is None else summarize_results(results)
+    results = harness_results(model, tokenizer, cfg, work_dir, log_samples=True)
+    if results is None:
+        return {}
+    out: dict[str, dict[str, Any]] = summarize_results(results)
+    for task, row in out.items():
+        items = per_item_acc(results, task)
+        if items is not None:
+            row["per_item"] = items
+    return out
 
 
 # --------------------------------------------------------------------------------------------- fast path
