@@ -130,6 +130,15 @@ def boolq_prompt(item: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------- config
 
 
+def _one_limit(limit: Any, key: str) -> int | float | None:
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0 or (
+            isinstance(limit, float) and limit >= 1 and not limit.is_integer()):
+        raise GainError(f"{key} must be null, a positive integer or a fraction in (0, 1), got {limit!r}")
+    return int(limit) if float(limit) >= 1 else float(limit)
+
+
 def resolve_harness_cfg(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
     """Defaults filled in and values checked (GainError on unknown keys or bad values)."""
     raw = dict(cfg or {})
@@ -147,11 +156,14 @@ def resolve_harness_cfg(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
         raise GainError(f"eval.harness.tasks lists a task twice: {tasks}")
     out["tasks"] = tasks
     limit = out["limit"]
-    if limit is not None:
-        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit <= 0 or (
-                isinstance(limit, float) and limit >= 1 and not limit.is_integer()):
-            raise GainError(f"eval.harness.limit must be null, a positive integer or a fraction in (0, 1), got {limit!r}")
-        out["limit"] = int(limit) if float(limit) >= 1 else float(limit)
+    if isinstance(limit, Mapping):  # one limit per task: {boolq: 48, cloze: 100}
+        unknown = sorted(set(limit) - set(tasks))
+        if unknown:
+            raise GainError(f"eval.harness.limit names task(s) {', '.join(unknown)} that are not in eval.harness.tasks "
+                            f"({', '.join(tasks)})")
+        out["limit"] = {t: _one_limit(limit.get(t), f"eval.harness.limit.{t}") for t in tasks}
+    else:
+        out["limit"] = _one_limit(limit, "eval.harness.limit")
     bs = out["batch_size"]
     if isinstance(bs, bool) or not ((isinstance(bs, int) and bs >= 1) or (isinstance(bs, str) and bs.startswith("auto"))):
         raise GainError(f"eval.harness.batch_size must be a positive integer or 'auto', got {bs!r}")
@@ -516,16 +528,22 @@ def harness_results(model: torch.nn.Module, tokenizer: Any, cfg: Mapping[str, An
             lm = lm_cls(pretrained=HarnessModelAdapter(model), tokenizer=tokenizer, batch_size=cfg["batch_size"],
                         max_batch_size=64)
             lm.show_progress = cfg["progress"]
+            # one lm-eval call per distinct limit (a per-task limit mapping); their results merged
+            limits = cfg["limit"] if isinstance(cfg["limit"], dict) else {t: cfg["limit"] for t in cfg["tasks"]}
+            by_limit: dict[Any, list[str]] = {}
+            for name, spec in zip(cfg["tasks"], specs):
+                by_limit.setdefault(limits[name], []).append(spec)
             try:
-                results = simple_evaluate(
-                    model=lm,
-                    tasks=specs,
-                    num_fewshot=cfg["num_fewshot"],
-                    limit=cfg["limit"],
-                    task_manager=task_manager,
-                    bootstrap_iters=cfg["bootstrap_iters"],
-                    log_samples=log_samples,
-                )
+                results: dict[str, Any] = {}
+                for limit, group in by_limit.items():
+                    part = simple_evaluate(model=lm, tasks=group, num_fewshot=cfg["num_fewshot"], limit=limit,
+                                           task_manager=task_manager, bootstrap_iters=cfg["bootstrap_iters"],
+                                           log_samples=log_samples)
+                    for key, value in (part or {}).items():
+                        if isinstance(value, dict) and isinstance(results.get(key), dict):
+                            results[key].update(value)
+                        elif key not in results:
+                            results[key] = value
             except KeyError as exc:
                 if "not a registered task" not in str(exc):
                     raise

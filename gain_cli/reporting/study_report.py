@@ -205,7 +205,7 @@ def main_table(groups: dict[str, MethodGroup], tasks: Sequence[str]) -> tuple[li
             a = grp.iv.get(f"drop:{t}")
             mark = " †" if ref is not None and name != REFERENCE and not a.overlaps(ref.iv.get(f"drop:{t}")) else ""
             row.append(a.format(1) + mark)
-        row.append(f"{info['train_minutes']:.1f}" if info["train_minutes"] is not None else "–")
+        row.append(f"{info['train_minutes']:.2f}" if info["train_minutes"] is not None else "–")
         rows.append(row)
     return header, rows
 
@@ -360,7 +360,7 @@ def write_study_report(runs: Sequence[Any], spec, out_dir: Path, base_cfg) -> Pa
     md += [f"### {title}\n\n![{title}]({p.relative_to(out_dir).as_posix()})\n" for title, p in figs]
     for title, p in paper_figs:
         rel = Path(p).relative_to(out_dir).as_posix()
-        md += [f"### {title}\n\n[{rel}]({rel})\n"]
+        md += [f"### {title}\n\n" + (f"![{title}]({rel})" if rel.endswith(".png") else f"[{rel}]({rel})") + "\n"]
     md += ["## Sign conventions", "", *(f"- **{k}**: {v}" for k, v in SIGN_CONVENTIONS.items()), ""]
     return atomic_write_text(out_dir / "report.md", "\n".join(md))
 
