@@ -363,6 +363,11 @@ def report(
             from gain_cli.reporting.tables import print_metric_table
 
             print_metric_table(loaded, console)
+        from gain_cli.reporting.study_report import groups_of_runs, print_intervals
+
+        groups = groups_of_runs(loaded)
+        if groups is not None:
+            print_intervals(groups, console)
         if out is not None or len(run_dirs) > 1:
             path = write_report(run_dirs, out or Path("report"), fmt)
             console.print(f"report written to {path}", highlight=False)

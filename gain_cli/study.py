@@ -190,6 +190,26 @@ def _rows_total(runs: Sequence[StudyRun]) -> tuple[int, int]:
     return total, done
 
 
+def reuse_selected_stage(r: StudyRun, root: Path) -> bool:
+    """A seed-0 run at the lr chosen by the lr-select sweep trains its first stage exactly as that sweep's run did
+    (same seed, data order, lr and budget): take that trained state instead of training it again (the runner then
+    only evaluates it on every domain). True when a state was taken."""
+    import shutil
+
+    from gain_cli.runner import STATE_FILE, TRAIN_FILE, stage_dir
+
+    src = stage_dir(root / "lr_select" / r.method / _lr_tag(r.lr), 1)
+    dst = stage_dir(r.run_dir, 1)
+    if r.seed != 0 or not (src / STATE_FILE).is_file() or not (src / TRAIN_FILE).is_file() or (dst / STATE_FILE).exists():
+        return False
+    if (r.run_dir / "config.yaml").is_file():  # a run already started trains its own stages
+        return False
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in (STATE_FILE, TRAIN_FILE):
+        shutil.copy2(src / name, dst / name)
+    return True
+
+
 def run_study(console, size: str = "default", sweep: str | None = None, overrides: Sequence[str] = (),
               output_root: str | Path = "runs", report: bool = True,
               run: Callable[[DictConfig, Any, Callable], Path] | None = None) -> Path:
@@ -218,6 +238,8 @@ def run_study(console, size: str = "default", sweep: str | None = None, override
     for i, r in enumerate(runs, 1):
         if _complete(r.run_dir):
             continue
+        if sweep is None:
+            reuse_selected_stage(r, root)
         console.rule(f"{what} · run {i}/{len(runs)} · {r.method} lr {r.lr:g} seed {r.seed}")
         run(r.cfg, console, lambda kind, _row: progress.row_done() if kind == "row" else None)
     seconds = time.perf_counter() - t0

@@ -143,5 +143,13 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
     if curves:
         md += ["## Downstream accuracy per stage", ""]
         md += [f"![{task} accuracy per stage]({rel})\n" for task, rel in curves]
+    from gain_cli.reporting.study_report import groups_of_runs, interval_section
+
+    groups = groups_of_runs(runs)
+    if groups is not None:
+        tasks = [t for t in harness_tasks(runs) if all(f"drop:{t}" in g.iv.metrics for g in groups.values())]
+        md += interval_section(groups, tasks, fig_dir, out_dir)
+    else:
+        md += ["Runs made before per-block NLLs were kept have no confidence intervals.", ""]
     md += [sign_conventions_md()]
     return atomic_write_text(out_dir / "report.md", "\n".join(md))

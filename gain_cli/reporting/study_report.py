@@ -90,6 +90,61 @@ class MethodGroup:
                 "tokens_per_s": float(np.mean(tps)) if tps else None}
 
 
+_NOT_A_SETTING = ("seed", "run_dir", "run_name", "resume", "base_row", "study", "output_root", "launcher")
+
+
+def _setting_key(r: RunResult) -> str:
+    import json
+
+    c = {k: v for k, v in (r.config or {}).items() if k not in _NOT_A_SETTING}
+    return json.dumps(c, sort_keys=True, default=str)
+
+
+def groups_of_runs(runs: Sequence[RunResult], replicates: int = 1000, level: float = 0.95) -> dict[str, MethodGroup] | None:
+    """Runs that differ only in their seed pooled into one group per setting (labelled by method, with the run name
+    where one method has several settings); None when a run kept no per-block NLLs."""
+    if any(r.samples is None for r in runs):
+        return None
+    by: dict[str, list[RunResult]] = {}
+    for r in runs:
+        by.setdefault(_setting_key(r), []).append(r)
+    methods = [rs[0].method for rs in by.values()]
+    groups = {}
+    for rs in by.values():
+        label = rs[0].method if methods.count(rs[0].method) == 1 else f"{rs[0].method} [{rs[0].name}]"
+        groups[label] = MethodGroup(label, rs, replicates, level)
+    return groups
+
+
+def interval_section(groups: dict[str, MethodGroup], tasks: Sequence[str], fig_dir: Path, out_dir: Path) -> list[str]:
+    """Markdown of the summary with intervals, the differences and the error-bar figures (for ``gain report``)."""
+    header, rows = main_table(groups, tasks)
+    domains = next(iter(groups.values())).runs[0].domains
+    md = ["## Summary with 95 % intervals", "",
+          "Point estimate (mean over the runs of a setting, i.e. its seeds) [95 % bootstrap interval over seeds, "
+          "validation blocks and downstream items]; † = does not overlap LoRA's interval.", "", _md_table(header, rows),
+          "### Differences (non-overlapping intervals)", "", *differences(groups, tasks), ""]
+    for title, p in _figures(groups, tasks, domains, fig_dir, heatmaps=False):
+        md += [f"![{title}]({p.relative_to(out_dir).as_posix()})", ""]
+    return md
+
+
+def print_intervals(groups: dict[str, MethodGroup], console) -> None:
+    """The headline metrics with their 95 % intervals in the terminal: a row per metric, a column per setting."""
+    from rich.table import Table
+
+    t = Table(title="with 95 % intervals (bootstrap over seeds, validation blocks and items)", title_justify="left")
+    t.add_column("metric", overflow="fold")
+    for n in groups:
+        t.add_column(n, justify="right", overflow="fold")
+    tasks = sorted({k.split(":", 1)[1] for g in groups.values() for k in g.iv.metrics if k.startswith("drop:")})
+    for metric, title, scale, _lower in COLUMNS:
+        t.add_row(title, *(g.iv.get(metric).scaled(scale).format(1 if scale == 100.0 else 3) for g in groups.values()))
+    for task in tasks:
+        t.add_row(f"{task} Δ vs base pts ↑", *(g.iv.get(f"drop:{task}").format(1) for g in groups.values()))
+    console.print(t)
+
+
 def load_groups(runs: Sequence[Any], replicates: int, level: float) -> dict[str, MethodGroup]:
     """Finished runs grouped by their ``group`` (the method) in study order; unfinished ones are left out."""
     by: dict[str, list[RunResult]] = {}
@@ -233,7 +288,8 @@ def ppl_table(grp: MethodGroup, domains: Sequence[str]) -> str:
 # --------------------------------------------------------------------------------------------- figures
 
 
-def _figures(groups: dict[str, MethodGroup], tasks: Sequence[str], domains: Sequence[str], fig_dir: Path) -> list[tuple[str, Path]]:
+def _figures(groups: dict[str, MethodGroup], tasks: Sequence[str], domains: Sequence[str], fig_dir: Path,
+             heatmaps: bool = True) -> list[tuple[str, Path]]:
     out: list[tuple[str, Path]] = []
     bars = {}
     for metric, title, _scale, _lower in COLUMNS[:3]:
@@ -249,8 +305,10 @@ def _figures(groups: dict[str, MethodGroup], tasks: Sequence[str], domains: Sequ
                   for n, g in groups.items() if t in g.iv.accuracy}
         if curves:
             out.append((f"{t} accuracy per stage (95 % intervals over seeds and items)",
-                        figures.harness_curve(curves, fig_dir / f"{_slug(t)}_curve.png", task=t,
-                                              stage_labels=stage_labels, errors=errors)))
+                        figures.harness_curve(curves, fig_dir / f"{_slug(t)}_curve{'' if heatmaps else '_intervals'}.png",
+                                              task=t, stage_labels=stage_labels, errors=errors)))
+    if not heatmaps:
+        return out
     rels = {n: relative_change_matrix(np.array([[c.value for c in row] for row in g.iv.ppl]))[1:] for n, g in groups.items()}
     vmax = max(float(np.nanmax(np.abs(100 * r))) for r in rels.values()) if rels else 1.0
     for n, rel in rels.items():
