@@ -175,6 +175,7 @@ def study(
     sweep: Optional[str] = typer.Option(None, "--sweep", help="lr-select (the learning-rate rule) or lora-lr (the "
                                                               "paper's Figure 2) instead of the study itself."),
     output_root: Path = typer.Option(Path("runs"), "--output-root", help="Where the study's runs and report go."),
+    report_only: bool = typer.Option(False, "--report-only", help="Only write the report, from the finished runs."),
 ) -> None:
     """The study: GAIN-attn, GAIN-FFN, LoRA, full FT and (IA)3 under one budget and protocol, several seeds, one
     report with 95 % intervals and a verdict per claim of the paper. Resumes where it stopped.
@@ -185,7 +186,8 @@ def study(
     """
     from gain_cli.study import run_study
 
-    run_study(console, size=size, sweep=sweep, overrides=overrides or [], output_root=output_root)
+    run_study(console, size=size, sweep=sweep, overrides=overrides or [], output_root=output_root,
+              run_missing=not report_only)
 
 
 @app.command()

@@ -34,4 +34,6 @@ def run_demo(console, methods: Sequence[str] = DEMO_METHODS, overrides: Sequence
     out = Path(output_root) / "demo" / "report"
     path = write_report(run_dirs, out, "md")
     console.print(f"demo finished in {(time.perf_counter() - t0) / 60:.1f} min · report: {path}", highlight=False)
+    console.print("the demo's budget is too small for anything to be forgotten: for the paper's question (does GAIN "
+                  "forget less than LoRA and full fine-tuning?) run `make study` (`gain study`)", highlight=False)
     return path

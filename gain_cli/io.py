@@ -121,3 +121,32 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def read_jsonl_objects(path: str | os.PathLike, what: str, expected: str) -> list[tuple[str, dict]]:
+    """The JSON objects of a JSONL file, each with its ``file:line`` (blank lines skipped). GainError naming the file
+    (and line) when it is missing, a line is not JSON or not an object, or it holds none; ``what`` names the kind of
+    file ("BoolQ file"), ``expected`` what an object needs ("fields question, passage, label")."""
+    import json
+
+    from gain_cli.errors import GainError
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise GainError(f"{what} '{p}' does not exist")
+    out: list[tuple[str, dict]] = []
+    with p.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{p}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise GainError(f"{where}: not valid JSON ({exc.msg})") from None
+            if not isinstance(obj, dict):
+                raise GainError(f"{where}: expected a JSON object with {expected}")
+            out.append((where, obj))
+    if not out:
+        raise GainError(f"{what} '{p}' has no items")
+    return out

@@ -123,9 +123,14 @@ def plan_runs(spec: StudySpec, root: Path, sweep: str | None, overrides: Sequenc
     """Every run of the study (or of one of its sweeps), in order; the first run evaluates the base row."""
     runs: list[StudyRun] = []
     if sweep is None:
-        for m, ms in spec.methods.items():
-            for seed in ms["seeds"]:
-                runs.append(StudyRun(m, int(seed), float(ms["lr"]), root / m / f"seed{seed}", [], group=m))
+        # the methods with the most seeds (the head-to-head pair) first, all their seeds, then the others: a study
+        # stopped early has its main comparison complete
+        order = list(spec.methods)
+        plan = sorted(((m, i, seed) for m, ms in spec.methods.items() for i, seed in enumerate(ms["seeds"])),
+                      key=lambda t: (-len(spec.methods[t[0]]["seeds"]), order.index(t[0]), t[1]))
+        for m, _i, seed in plan:
+            ms = spec.methods[m]
+            runs.append(StudyRun(m, int(seed), float(ms["lr"]), root / m / f"seed{seed}", [], group=m))
     elif sweep == "lr-select":
         if not spec.lr_grid:
             raise GainError("the study has no study.lr_grid to select learning rates from")
@@ -211,9 +216,10 @@ def reuse_selected_stage(r: StudyRun, root: Path) -> bool:
 
 
 def run_study(console, size: str = "default", sweep: str | None = None, overrides: Sequence[str] = (),
-              output_root: str | Path = "runs", report: bool = True,
+              output_root: str | Path = "runs", report: bool = True, run_missing: bool = True,
               run: Callable[[DictConfig, Any, Callable], Path] | None = None) -> Path:
-    """Run (or resume) a study or one of its sweeps; return its report (``report.md``)."""
+    """Run (or resume) a study or one of its sweeps; return its report (``report.md``). ``run_missing=False``: only
+    write the report, from the runs that are finished (the others are named in it)."""
     from gain_cli.config import compose_config
     from gain_cli.runner import run_experiment
 
@@ -236,7 +242,7 @@ def run_study(console, size: str = "default", sweep: str | None = None, override
     run = run or (lambda cfg, con, ev: run_experiment(cfg, con, on_event=ev))
     t0 = time.perf_counter()
     for i, r in enumerate(runs, 1):
-        if _complete(r.run_dir):
+        if _complete(r.run_dir) or not run_missing:
             continue
         if sweep is None:
             reuse_selected_stage(r, root)

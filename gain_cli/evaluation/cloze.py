@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gain_cli.errors import GainError
+from gain_cli.io import read_jsonl_objects
 
 BUILTIN_CLOZE = Path(__file__).resolve().parents[1] / "data" / "cloze_tiny.jsonl"
 CLOZE_TEMPLATE = Path(__file__).resolve().parent / "tasks" / "cloze_local.yaml"
@@ -31,32 +32,17 @@ def load_cloze_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Read and check a cloze JSONL file: one object per line with a ``text`` of at least two words whose last
     space-separated word is non-empty. Blank lines are skipped. Returns ``{"text", "idx"}`` dicts (``idx`` from the
     file when it is an integer, else the item's position). Raises GainError naming the file, line and problem."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise GainError(f"cloze file '{p}' does not exist")
     items: list[dict[str, Any]] = []
-    with p.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{p}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise GainError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise GainError(f"{where}: expected a JSON object with a field 'text'")
-            text = obj.get("text")
-            if not isinstance(text, str) or not text.strip():
-                raise GainError(f"{where}: field 'text' must be a non-empty string")
-            context, target = cloze_split(text)
-            if not context.strip() or not target.strip():
-                raise GainError(f"{where}: field 'text' needs a context and a last word separated by a space, "
-                                f"got {text[-40:]!r}")
-            idx = obj.get("idx")
-            items.append({"text": text, "idx": idx if isinstance(idx, int) and not isinstance(idx, bool) else len(items)})
-    if not items:
-        raise GainError(f"cloze file '{p}' has no items")
+    for where, obj in read_jsonl_objects(path, "cloze file", "a field 'text'"):
+        text = obj.get("text")
+        if not isinstance(text, str) or not text.strip():
+            raise GainError(f"{where}: field 'text' must be a non-empty string")
+        context, target = cloze_split(text)
+        if not context.strip() or not target.strip():
+            raise GainError(f"{where}: field 'text' needs a context and a last word separated by a space, "
+                            f"got {text[-40:]!r}")
+        idx = obj.get("idx")
+        items.append({"text": text, "idx": idx if isinstance(idx, int) and not isinstance(idx, bool) else len(items)})
     return items
 
 

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from gain_cli.errors import GainError
+from gain_cli.io import read_jsonl_objects
 from gain_cli.models.kv_cache import no_kv_cache
 
 log = logging.getLogger(__name__)
@@ -88,37 +89,22 @@ def load_boolq_jsonl(path: str | Path) -> list[dict[str, Any]]:
     in its place. Blank lines are skipped. Returns ``{"question", "passage", "label" (bool), "idx"}`` dicts
     (``idx`` from the file when it is an integer, else the item's position). Raises GainError naming the file, line and problem.
     """
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise GainError(f"BoolQ file '{p}' does not exist")
     items: list[dict[str, Any]] = []
-    with p.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{p}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise GainError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict):
-                raise GainError(f"{where}: expected a JSON object with fields {', '.join(BOOLQ_FIELDS)}")
-            if "label" not in obj and "answer" in obj:
-                obj["label"] = obj["answer"]
-            for field in BOOLQ_FIELDS:
-                if field not in obj or obj[field] is None:
-                    raise GainError(f"{where}: missing field '{field}' (BoolQ lines need {', '.join(BOOLQ_FIELDS)})")
-            for field in ("question", "passage"):
-                if not isinstance(obj[field], str) or not obj[field].strip():
-                    raise GainError(f"{where}: field '{field}' must be a non-empty string")
-            label = _label_value(obj["label"])
-            if label is None:
-                raise GainError(f"{where}: field 'label' must be true/false (or 0/1), got {obj['label']!r}")
-            idx = obj.get("idx")
-            items.append({"question": obj["question"], "passage": obj["passage"], "label": label,
-                          "idx": idx if isinstance(idx, int) and not isinstance(idx, bool) else len(items)})
-    if not items:
-        raise GainError(f"BoolQ file '{p}' has no items")
+    for where, obj in read_jsonl_objects(path, "BoolQ file", f"fields {', '.join(BOOLQ_FIELDS)}"):
+        if "label" not in obj and "answer" in obj:
+            obj["label"] = obj["answer"]
+        for field in BOOLQ_FIELDS:
+            if field not in obj or obj[field] is None:
+                raise GainError(f"{where}: missing field '{field}' (BoolQ lines need {', '.join(BOOLQ_FIELDS)})")
+        for field in ("question", "passage"):
+            if not isinstance(obj[field], str) or not obj[field].strip():
+                raise GainError(f"{where}: field '{field}' must be a non-empty string")
+        label = _label_value(obj["label"])
+        if label is None:
+            raise GainError(f"{where}: field 'label' must be true/false (or 0/1), got {obj['label']!r}")
+        idx = obj.get("idx")
+        items.append({"question": obj["question"], "passage": obj["passage"], "label": label,
+                      "idx": idx if isinstance(idx, int) and not isinstance(idx, bool) else len(items)})
     return items
 
 

@@ -398,10 +398,17 @@ def write_study_report(runs: Sequence[Any], spec, out_dir: Path, base_cfg) -> Pa
                         "accuracy": {t: [c.to_dict() for c in a] for t, a in g.iv.accuracy.items()}}
                     for n, g in groups.items()},
         "verdicts": verdict_rows,
+        "unfinished": [str(r.run_dir) for r in runs
+                       if not any(Path(r.run_dir).resolve() == res.path.resolve() for g in groups.values() for res in g.runs)],
     })
     md = [f"# Study `{spec.name}`: does GAIN forget less than LoRA and full fine-tuning?", "",
           f"Generated {datetime.now().isoformat(timespec='seconds')} from {sum(len(g.runs) for g in groups.values())} "
           "runs. Every number: point estimate (mean over seeds) [95 % interval].", ""]
+    missing = [f"{r.method} seed {r.seed}" for r in runs
+               if not any(Path(r.run_dir).resolve() == res.path.resolve() for g in groups.values() for res in g.runs)]
+    if missing:
+        md += [f"**Partial study**: not finished yet, so not in this report: {', '.join(missing)} "
+               "(`make study` resumes them).", ""]
     md += _protocol_md(base_cfg, spec, groups)
     md += ["## Results", "", "† = the interval does not overlap LoRA's (a difference).", "", _md_table(header, rows)]
     md += ["## The paper's claims, side by side", "",
