@@ -42,6 +42,7 @@ COLUMNS: list[tuple[str, str, float, bool]] = [
     ("earlier_change_vs_own_mean", "Earlier ΔPPL vs own stage % ↓", 100.0, True),
     ("earlier_change_vs_base_mean", "Earlier ΔPPL vs base % ↓", 100.0, True),
     ("bwt", "BWT ↑", 1.0, False),
+    ("fwt", "FWT ↑", 1.0, False),
     ("max_forgetting_mean", "Max forgetting ↓", 1.0, True),
 ]
 
