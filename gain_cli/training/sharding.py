@@ -141,7 +141,7 @@ def set_full_(param: torch.Tensor, value: torch.Tensor) -> None:
     if is_dtensor(param):
         from torch.distributed.tensor import distribute_tensor
 
-        value = value.to(param.device_mesh.device_type, param.dtype)
+        value = value.detach().to(param.device_mesh.device_type, param.dtype)
         param.to_local().copy_(distribute_tensor(value, param.device_mesh, param.placements).to_local())
     else:
         param.copy_(value.to(param.device, param.dtype))
@@ -153,7 +153,7 @@ def add_full_(param: torch.Tensor, delta: torch.Tensor) -> None:
     if is_dtensor(param):
         from torch.distributed.tensor import distribute_tensor
 
-        delta = delta.to(param.device_mesh.device_type)
+        delta = delta.detach().to(param.device_mesh.device_type)
         shard = distribute_tensor(delta, param.device_mesh, param.placements).to_local()
         out = param.to_local()
         out.copy_((out.float() + shard.float()).to(out.dtype))
@@ -167,7 +167,7 @@ def mul_replicated_(param: torch.Tensor, factor: torch.Tensor) -> None:
     if is_dtensor(param):
         from torch.distributed.tensor import Replicate, distribute_tensor
 
-        factor = factor.float().to(param.device_mesh.device_type)
+        factor = factor.detach().float().to(param.device_mesh.device_type)
         rep = distribute_tensor(factor, param.device_mesh, [Replicate()] * param.device_mesh.ndim)
         param.copy_((param.float() * rep).to(param.dtype))
     else:
