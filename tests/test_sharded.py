@@ -30,7 +30,8 @@ NO_HARNESS = "eval.harness.enabled=false"
 HARNESS = "eval.harness.limit=12"  # BoolQ on 12 of the packaged items, after every stage
 LAUNCH_ENV_KEYS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                    "GAIN_LAUNCHED", "ACCELERATE_USE_CPU", "ACCELERATE_USE_FSDP")
-EXTRA = {"gain_ffn": HARNESS, "lora": NO_HARNESS, "full_ft": NO_HARNESS}
+# GAIN with its L2 pull toward 1 (summed over the local shards of the gains when sharded)
+EXTRA = {"gain_ffn": [HARNESS, "method.l2=1.0"], "lora": [NO_HARNESS], "full_ft": [NO_HARNESS]}
 
 
 def _env(**extra) -> dict[str, str]:
@@ -51,14 +52,14 @@ def _state(rd: Path, k: int) -> dict:
 
 
 def _single(method: str, rd: Path) -> Path:
-    res = runner.invoke(app, ["run", *COMMON, EXTRA[method], f"method={method}",
+    res = runner.invoke(app, ["run", *COMMON, *EXTRA[method], f"method={method}",
                               f"train.batch_size={2 * PER_PROCESS_BATCH}", f"run_dir={rd}"])
     assert res.exit_code == 0, res.output
     return rd
 
 
 def _args(method: str, rd: Path) -> list[str]:
-    return [*COMMON, EXTRA[method], f"method={method}", f"train.batch_size={PER_PROCESS_BATCH}", f"run_dir={rd}"]
+    return [*COMMON, *EXTRA[method], f"method={method}", f"train.batch_size={PER_PROCESS_BATCH}", f"run_dir={rd}"]
 
 
 def _torchrun(args: list[str], **env_extra: str) -> subprocess.CompletedProcess:
@@ -218,7 +219,7 @@ def test_fresh_lora_values_are_peft_s_own_initialisation():
 @pytest.mark.parametrize("method,needle", [
     ("imsm", "runs two copies of the model"),
     ("l2", "penalty reads whole weights"),
-    ("ewc", "penalty reads whole weights"),
+    ("ewc", "Fisher estimate needs per-weight gradients"),
 ])
 def test_methods_that_cannot_be_sharded_are_refused_with_one_line(method, needle):
     from gain_cli.methods import build_method

@@ -109,9 +109,12 @@ class OnBaseMethod(Method):
 
     @property
     def sharding_refusal(self) -> str | None:  # type: ignore[override]
+        if self.kind == "ewc":
+            return ("its Fisher estimate needs per-weight gradients of whole weights and its penalty reads whole "
+                    "weights / LoRA deltas by name, which FSDP splits over the processes")
         if self.lam > 0:
-            return (f"its {self.kind} penalty reads whole weights / LoRA deltas (and, for EWC, per-weight gradients) "
-                    "by name, which FSDP splits over the processes (or set method.lambda=0)")
+            return (f"its {self.kind} penalty reads whole weights / LoRA deltas by name, which FSDP splits over the "
+                    "processes (or set method.lambda=0)")
         return self.inner.sharding_refusal
 
     def open_sharded_stage(self, model: nn.Module) -> None:
