@@ -14,7 +14,9 @@ Keys (``configs/launcher/*.yaml``)::
     main_process_ip    address of machine 0 (several machines only)
     main_process_port  rendezvous port; null = a free port on one machine, 29500 on several
     accelerate_config  an Accelerate config file: a name under configs/accelerate/ (ddp, fsdp,
-                       deepspeed_zero3) or a path; null = plain DDP from flags alone
+                       deepspeed_zero3) or a path; null = plain DDP from flags alone. A config of
+                       distributed_type FSDP means train.sharding=fsdp: gain shards the model itself with
+                       FSDP2 and launches plain processes (no --config_file); DeepSpeed is refused
     cpu                true = CPU processes with gloo (ACCELERATE_USE_CPU=1 + --multi_gpu)
 
 Pitfalls (Accelerate 1.x, all seen here):
@@ -144,9 +146,17 @@ def build_launch_command(cfg, argv: Sequence[str], run_dir: str | Path | None = 
     st = launcher_settings(cfg)
     n = st["num_processes"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    if st["accelerate_config"]:
-        cmd += ["--config_file", str(resolve_accelerate_config(st["accelerate_config"]))]
-    if n > 1 and (st["cpu"] or not st["accelerate_config"]):
+    config_file = resolve_accelerate_config(st["accelerate_config"]) if st["accelerate_config"] else None
+    if config_file is not None:
+        from gain_cli.memory import sharding_of
+
+        if sharding_of(str(config_file)) == "fsdp":
+            # gain shards the model itself (gain_cli.training.sharding, train.sharding=fsdp, which this config
+            # implies): Accelerate launches plain processes (on CPU it would silently drop its FSDP plugin)
+            config_file = None
+    if config_file is not None:
+        cmd += ["--config_file", str(config_file)]
+    if n > 1 and (st["cpu"] or config_file is None):
         # CPU: --multi_gpu + ACCELERATE_USE_CPU=1 gives N gloo ranks (never --cpu: it runs one process);
         # GPU without a config file: plain DDP.
         cmd.append("--multi_gpu")
@@ -208,12 +218,9 @@ def maybe_relaunch(cfg, argv: Sequence[str], console=None) -> int | None:
                         "machine sees): the default, timestamped run directory would differ between machines")
     from gain_cli.runner import resolve_run_dir
 
-    if st["accelerate_config"]:
-        from gain_cli.memory import sharding_of
-        from gain_cli.training.accelerator import SHARDED_UNSUPPORTED
+    from gain_cli.training.sharding import requested_sharding
 
-        if sharding_of(st["accelerate_config"]) != "none":  # refuse before starting N processes
-            raise GainError(SHARDED_UNSUPPORTED)
+    requested_sharding(cfg)  # train.sharding / a DeepSpeed config refused before starting N processes
     check_gpus_for(st)
     cmd, env = build_launch_command(cfg, argv, resolve_run_dir(cfg))
     if console is not None:

@@ -222,9 +222,15 @@ def estimate_for_config(cfg) -> dict[str, Any]:
     launcher = cfg.get("launcher") or {}
     # inside a launched process the real count wins (e.g. `accelerate launch --num_processes 8` by hand)
     n = int(os.environ.get("WORLD_SIZE") or launcher.get("num_processes", 1) or 1)
+    from gain_cli.training.sharding import requested_sharding
+
+    sharding = requested_sharding(cfg)  # train.sharding, or implied by launcher.accelerate_config
+    if sharding == "auto":  # fsdp for methods that train every weight (gain_cli.training.sharding)
+        method = OmegaConf.to_container(cfg.method, resolve=True)
+        every = (method.get("kind") or method.get("name")) == "full_ft" or method.get("base") == "full_ft"
+        sharding = "fsdp" if every and n > 1 else "none"
     return memory_estimate(OmegaConf.to_container(cfg.model, resolve=True), OmegaConf.to_container(cfg.method, resolve=True),
-                           OmegaConf.to_container(cfg.train, resolve=True), num_processes=n,
-                           sharding=sharding_of(launcher.get("accelerate_config")))
+                           OmegaConf.to_container(cfg.train, resolve=True), num_processes=n, sharding=sharding)
 
 
 def gib(n_bytes: float) -> str:

@@ -40,6 +40,7 @@ from gain_cli.config import config_differences, config_hash, to_yaml
 from gain_cli.errors import GainError
 from gain_cli.io import atomic_save_safetensors, atomic_write_json, atomic_write_text, read_json
 from gain_cli.reporting.matrices import collect_rows, finished_stages  # noqa: F401  (the run directory's rows)
+from gain_cli.training.sharding import sharding_mode
 
 STATE_FILE = "method_state.safetensors"
 TRAIN_FILE = "train.json"  # what training a stage reported, saved with its state
@@ -185,9 +186,35 @@ class Experiment:
             domains = ensure_domains(cfg.domains, cfg.cache_dir, log=self.say)
             self.domains = [d.name for d in domains]
             self.data = DomainData(domains, self.tokenizer, cfg.cache_dir)
-            self.model.to(self.accelerator.device)
+            self.sharding = sharding_mode(cfg, self.accelerator.num_processes, self.method)
+            if not self.sharded:  # sharded: fully_shard moves each process's shards to its device
+                self.model.to(self.accelerator.device)
             self.eval_blocks = {d: self.data.blocks(d, "validation", int(cfg.eval.block_size), cfg.eval.get("max_blocks"))
                                 for d in self.domains}
+        self.param_bytes_per_process = None
+        if self.sharded:  # outside local_main_process_first: sharding is a collective of all processes
+            self._shard()
+
+    @property
+    def sharded(self) -> bool:
+        return self.sharding != "none"
+
+    def _shard(self) -> None:
+        """Attach the method once (its identity: gains of one, LoRA B = 0) and shard the model per decoder layer;
+        each stage then reopens the method in place (gain_cli.training.sharding)."""
+        from gain_cli.training.sharding import local_parameter_bytes, shard_model
+
+        acc = self.accelerator
+        self.method.check_shardable()
+        self.model = self.method.attach(self.model)
+        for p in self.model.parameters():  # trainable only while a stage is open
+            p.requires_grad_(False)
+        shard_model(self.model, self.spec, acc.device.type, acc.num_processes)
+        self.model.eval()
+        mine = torch.tensor(float(local_parameter_bytes(self.model)), device=acc.device)
+        self.param_bytes_per_process = int(acc.reduce(mine, "max").item())
+        self.say(f"sharded training: FSDP2 over {acc.num_processes} processes (per decoder layer, {acc.device.type} "
+                 f"device mesh); {self.param_bytes_per_process:,} bytes of parameters per process")
 
     @property
     def is_main(self) -> bool:
@@ -222,9 +249,13 @@ class Experiment:
         from gain_cli.evaluation.harness import run_harness
 
         result: dict[str, Any] = {}
-        if self.is_main:
-            result = run_harness(model, self.tokenizer, OmegaConf.to_container(harness_cfg, resolve=True),
-                                 self.run_dir / "harness_work")
+        if self.is_main or self.sharded:
+            # sharded: every forward needs every process, so all of them run the same items in the same batches
+            # (each in its own work folder); the main process's result is the one kept
+            work = self.run_dir / "harness_work"
+            if not self.is_main:
+                work = work / f"process_{self.accelerator.process_index}"
+            result = run_harness(model, self.tokenizer, OmegaConf.to_container(harness_cfg, resolve=True), work)
         if self.accelerator.num_processes > 1:
             from accelerate.utils import broadcast_object_list
 
@@ -239,7 +270,12 @@ class Experiment:
 
     def rebuild(self, upto: int) -> None:
         """Re-apply the saved states of stages 1..upto to the base model (no training)."""
-        self.model = apply_saved_stages(self.model, self.method, self.run_dir, upto, self.accelerator.device)
+        if not self.sharded:
+            self.model = apply_saved_stages(self.model, self.method, self.run_dir, upto, self.accelerator.device)
+            return
+        ks = list(range(1, upto + 1))
+        for k in (ks[-1:] if self.method.cumulative_state else ks):
+            self.apply_trained_stage(k)
 
     def train_stage(self, k: int, domain: str, progress_cb: Callable | None = None) -> dict[str, Any]:
         from gain_cli.training.loop import train_stage
@@ -248,7 +284,10 @@ class Experiment:
         seed_everything(int(cfg.seed) * 1000 + k)  # adapter init / dropout of stage k depend only on (seed, k)
         from gain_cli.methods.base import StageContext
 
-        self.model = self.method.attach(self.model)
+        if self.sharded:
+            self.method.open_sharded_stage(self.model)
+        else:
+            self.model = self.method.attach(self.model)
         n_trainable = self.method.count_trainable(self.model)
         ctx = StageContext(stage=k, domain=domain, earlier=self.domains[: k - 1], data=self.data,
                            train_cfg=cfg.train, seed=int(cfg.seed), accelerator=self.accelerator)
@@ -268,13 +307,19 @@ class Experiment:
         self.method.after_training(self.model, ctx)
         info = {"domain": domain, "trainable_params": n_trainable, "train": stats.to_dict(),
                 "method_info": self.method.stage_info()}
+        # sharded: gathered on every process (a collective); only the main process writes
+        state = self.method.state_dict(self.model) if self.is_main or self.sharded else None
         if self.is_main:
             atomic_write_json(self.stage_dir(k) / TRAIN_FILE, info)
-            atomic_save_safetensors(self.stage_dir(k) / STATE_FILE, self.method.state_dict(self.model),
+            atomic_save_safetensors(self.stage_dir(k) / STATE_FILE, state,
                                     metadata={"method": self.method.name, "stage": str(k), "domain": domain})
             ckpts.clear()
+        del state
         self.accelerator.wait_for_everyone()
-        self.model = self.method.finish_stage(self.model)
+        if self.sharded:
+            self.method.close_sharded_stage(self.model)
+        else:
+            self.model = self.method.finish_stage(self.model)
         self.model.eval()
         return info
 
@@ -288,25 +333,37 @@ class Experiment:
 
     def apply_trained_stage(self, k: int) -> None:
         """Carry the model forward through stage k from its saved state instead of training it again."""
-        self.model = apply_stage(self.model, self.method, self.run_dir, k, self.accelerator.device)
+        if not self.sharded:
+            self.model = apply_stage(self.model, self.method, self.run_dir, k, self.accelerator.device)
+            return
+        self.method.open_sharded_stage(self.model)  # the same calls as a stage, with the saved state for training
+        self.method.load_state_dict(self.model, load_stage_state(self.run_dir, k, self.accelerator.device))
+        self.method.close_sharded_stage(self.model)
+        self.model.eval()
 
 
 def stage_dir(run_dir: Path, k: int) -> Path:
     return run_dir / "stages" / f"stage_{k}"
 
 
-def apply_stage(model, method, run_dir: Path, k: int, device="cpu"):
-    """Apply stage k's saved state: attach, load, carry forward (merge)."""
+def load_stage_state(run_dir: Path, k: int, device="cpu") -> dict[str, torch.Tensor]:
+    """Stage k's saved method state (full tensors)."""
     from safetensors.torch import load_file
 
     path = stage_dir(run_dir, k) / STATE_FILE
     if not path.is_file():
         raise GainError(f"stage {k} has no saved state ({path} is missing)")
-    model = method.attach(model)
     device = torch.device(device)
     # safetensors names devices its own way: "cpu" (it refuses the "cpu:0" Accelerate gives each process of a
     # multi-CPU run) or "cuda:N"
-    method.load_state_dict(model, load_file(str(path), device="cpu" if device.type == "cpu" else str(device)))
+    return load_file(str(path), device="cpu" if device.type == "cpu" else str(device))
+
+
+def apply_stage(model, method, run_dir: Path, k: int, device="cpu"):
+    """Apply stage k's saved state: attach, load, carry forward (merge)."""
+    state = load_stage_state(run_dir, k, device)
+    model = method.attach(model)
+    method.load_state_dict(model, state)
     return method.finish_stage(model).eval()
 
 
@@ -320,10 +377,14 @@ def apply_saved_stages(model, method, run_dir: Path, upto: int, device="cpu"):
     return model.eval()
 
 
-def run_info(cfg: DictConfig, accelerator, status: str, started: str | None = None) -> dict[str, Any]:
+def run_info(cfg: DictConfig, accelerator, status: str, started: str | None = None,
+             exp: "Experiment | None" = None) -> dict[str, Any]:
+    sharding = {"sharding": exp.sharding if exp is not None else "none"}
+    if exp is not None and exp.param_bytes_per_process is not None:  # measured on the sharded model (largest rank)
+        sharding["param_bytes_per_process"] = exp.param_bytes_per_process
     return {
         "recipe": cfg.recipe, "method": cfg.method.name, "model": cfg.model.name, "domains": list(cfg.domains.sequence),
-        "seed": int(cfg.seed), "num_processes": accelerator.num_processes, "status": status,
+        "seed": int(cfg.seed), "num_processes": accelerator.num_processes, **sharding, "status": status,
         "config_hash": config_hash(cfg), "git_commit": _git_commit(), "versions": library_versions(),
         "host": socket.gethostname(), "started": started or datetime.now().isoformat(timespec="seconds"),
         "updated": datetime.now().isoformat(timespec="seconds"),
@@ -400,17 +461,17 @@ def run_experiment(cfg: DictConfig, console=None, on_event: Callable[[str, dict]
             started = read_json(run_dir / "run_info.json").get("started")
         if exp.is_main:
             atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-            atomic_write_json(run_dir / "run_info.json", run_info(cfg, acc, "running", started))
+            atomic_write_json(run_dir / "run_info.json", run_info(cfg, acc, "running", started, exp))
         try:
             _run_rows(exp, cfg, console, emit)
         except BaseException as e:  # the run stops here: run_info.json says so (a SIGKILL leaves "running")
             if exp.is_main:
                 status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
-                info = {**run_info(cfg, acc, status, started), **({"error": str(e)} if status == "failed" else {})}
+                info = {**run_info(cfg, acc, status, started, exp), **({"error": str(e)} if status == "failed" else {})}
                 atomic_write_json(run_dir / "run_info.json", info)
             raise
         if exp.is_main:
-            atomic_write_json(run_dir / "run_info.json", run_info(cfg, acc, "complete", started))
+            atomic_write_json(run_dir / "run_info.json", run_info(cfg, acc, "complete", started, exp))
             _write_run_report(run_dir, exp)
     return run_dir
 
@@ -422,7 +483,7 @@ def _run_rows(exp: Experiment, cfg: DictConfig, console, emit: Callable) -> None
     run_dir, acc = exp.run_dir, exp.accelerator
     # decided by the main process (other machines may not see the run directory)
     done, base_done = on_main_shared(acc, lambda: (finished_stages(run_dir), (run_dir / "base" / "metrics.json").is_file()))
-    if exp.is_main and len(done) < len(exp.domains):
+    if (exp.is_main or exp.sharded) and len(done) < len(exp.domains):  # sharded: its forwards need every process
         exp.say(estimate_runtime(exp, len(exp.domains) - len(done), base_missing=not base_done))
     if done:
         exp.say(f"resuming {run_dir}: stages 1..{done[-1]} finished, rebuilding them from their saved states")
@@ -493,7 +554,9 @@ def estimate_runtime(exp: Experiment, stages_left: int, base_missing: bool) -> s
     """A rough time estimate from one measured forward pass (printed before the work starts)."""
     cfg = exp.cfg
     blocks = next(iter(exp.eval_blocks.values()))[: int(cfg.eval.batch_size)].to(exp.accelerator.device)
-    with torch.inference_mode():
+    from gain_cli.evaluation.perplexity import no_grad_for
+
+    with no_grad_for(exp.model):
         exp.model(input_ids=blocks[:1])  # warm-up
         t0 = time.perf_counter()
         exp.model(input_ids=blocks)

@@ -255,16 +255,16 @@ def test_world_size_mismatch_is_refused_with_a_clear_message(tmp_path):
     assert "Traceback" not in msg
 
 
-def test_sharded_training_is_refused_until_the_loop_supports_it(tmp_path, fake_popen):
-    from gain_cli.launcher import maybe_relaunch
+def test_sharded_launch_is_plain_processes_with_gain_s_own_sharding(tmp_path, fake_popen):
+    """launcher.accelerate_config=fsdp: gain shards the model itself (train.sharding=fsdp), so Accelerate gets no
+    FSDP config file (on CPU it would silently drop it); DeepSpeed ZeRO-3 is refused before any process starts."""
+    from gain_cli.launcher import build_launch_command, maybe_relaunch
 
-    out = subprocess.run([sys.executable, "-m", "gain_cli", "run", *COMMON, f"run_dir={tmp_path / 'r'}"],
-                         env=_env(ACCELERATE_USE_FSDP="true"), capture_output=True, text=True, timeout=300)
-    assert out.returncode == 2 and "not supported by gain's stage loop yet" in out.stdout + out.stderr
-    for name in ("fsdp", "deepspeed_zero3"):  # the launcher refuses before starting any process
-        with pytest.raises(GainError, match="FSDP / DeepSpeed"):
-            maybe_relaunch(_cfg("launcher=gpu8", f"launcher.accelerate_config={name}", f"run_dir={tmp_path / name}"),
-                           ["run"])
+    cmd, env = build_launch_command(_cfg("launcher=accelerate_cpu2", "launcher.accelerate_config=fsdp"), ["run"], tmp_path)
+    assert "--config_file" not in cmd and "--multi_gpu" in cmd and env["ACCELERATE_USE_CPU"] == "1"
+    with pytest.raises(GainError, match="FSDP2 is the supported sharded path"):
+        maybe_relaunch(_cfg("launcher=gpu8", "launcher.accelerate_config=deepspeed_zero3", f"run_dir={tmp_path / 'z'}"),
+                       ["run"])
     assert fake_popen.calls == []
 
 
@@ -360,10 +360,11 @@ def test_gpu_launch_on_a_machine_without_enough_gpus_is_refused_before_starting(
 def test_gpu_launch_uses_the_accelerate_config(fake_popen, tmp_path):
     from gain_cli.launcher import build_launch_command
 
-    cmd, env = build_launch_command(_cfg("launcher=gpu8", "launcher.accelerate_config=fsdp", "train.mixed_precision=bf16"),
-                                    ["run", "launcher=gpu8"], tmp_path)
-    assert cmd[cmd.index("--config_file") + 1].endswith("configs/accelerate/fsdp.yaml")
-    assert "--multi_gpu" not in cmd  # the file's distributed_type (FSDP) decides
+    cmd, env = build_launch_command(_cfg("launcher=gpu8", "train.mixed_precision=bf16"), ["run", "launcher=gpu8"], tmp_path)
+    assert cmd[cmd.index("--config_file") + 1].endswith("configs/accelerate/ddp.yaml")
+    assert "--multi_gpu" not in cmd  # the file's distributed_type decides
+    fsdp, _ = build_launch_command(_cfg("launcher=gpu8", "launcher.accelerate_config=fsdp"), ["run"], tmp_path)
+    assert "--config_file" not in fsdp and "--multi_gpu" in fsdp  # gain shards the model itself
     assert cmd[cmd.index("--num_processes") + 1] == "8" and cmd[cmd.index("--mixed_precision") + 1] == "bf16"
     assert "ACCELERATE_USE_CPU" not in env or env["ACCELERATE_USE_CPU"] != "1"
 

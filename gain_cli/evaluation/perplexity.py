@@ -3,7 +3,8 @@
 PPL = exp( sum of next-token NLL over every predicted token of every block / number of predicted tokens ).
 Each block of B tokens predicts B-1 tokens. Under several processes each evaluates a strided shard
 of the blocks and the (NLL sum, token count) pairs are summed across processes, so the result
-equals the single-process one. The NLL sum of every block is kept too (``PplResult.block_nll``, in the
+equals the single-process one (a sharded model runs the same number of forwards on every process, padded with
+dummy batches). The NLL sum of every block is kept too (``PplResult.block_nll``, in the
 blocks' order on every process): confidence intervals bootstrap over them (``gain_cli.reporting.uncertainty``).
 """
 
@@ -53,11 +54,27 @@ def block_nll(model, ids: torch.Tensor, autocast_dtype: torch.dtype | None = Non
     return nll.view(ids.shape)[:, :-1]
 
 
-@torch.inference_mode()
+def _sharded(model) -> bool:
+    from gain_cli.training.sharding import is_sharded
+
+    return is_sharded(model)
+
+
+def no_grad_for(model):
+    """``inference_mode`` (FSDP's all-gathers write into buffers that an inference tensor cannot be: ``no_grad``
+    for a sharded model)."""
+    return torch.no_grad() if _sharded(model) else torch.inference_mode()
+
+
 def evaluate_blocks(model, blocks: torch.Tensor, batch_size: int, accelerator=None,
                     autocast_dtype: torch.dtype | None = None, compile: bool = False) -> PplResult:
     """Token-weighted NLL of ``blocks``; with ``compile`` the forward is ``torch.compile``d and a short last batch
     is filled up with copies of the last block (scored, then dropped) so that every forward has one shape."""
+    with no_grad_for(model):
+        return _evaluate_blocks(model, blocks, batch_size, accelerator, autocast_dtype, compile)
+
+
+def _evaluate_blocks(model, blocks, batch_size, accelerator, autocast_dtype, compile) -> PplResult:
     was_training = model.training
     model.eval()
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
@@ -72,8 +89,17 @@ def evaluate_blocks(model, blocks: torch.Tensor, batch_size: int, accelerator=No
         # one shape for every forward; built here (an inference tensor) for every sweep, so that dynamo's guards
         # on the input also never tell the batches of two sweeps apart
         shard = torch.cat([shard, shard[-1:].expand(-n_real % batch_size, -1)])
+    # Sharded (FSDP) every forward is a collective: every process runs as many as the one with the most blocks,
+    # the missing ones on a dummy batch whose result is dropped (an uneven last batch must not hang the others)
+    n_forwards = -(-shard.shape[0] // batch_size)
+    if world > 1 and _sharded(model):
+        n_forwards = -(-(-(-blocks.shape[0] // world)) // batch_size)
     with no_kv_cache(model):
-        for start in range(0, shard.shape[0], batch_size):
+        for i in range(n_forwards):
+            start = i * batch_size
+            if start >= shard.shape[0]:  # dummy forward, nothing scored
+                block_nll(forward, blocks[:1].to(device), autocast_dtype)
+                continue
             ids = shard[start:start + batch_size].to(device)
             per_token = block_nll(forward, ids, autocast_dtype)[: n_real - start]
             sums = per_token.double().sum(dim=1)

@@ -61,6 +61,8 @@ class Method(ABC):
     kind: ClassVar[str] = ""
     mergeable: ClassVar[bool] = True  # False: adapted model is not a single plain HF model (IMSM)
     cumulative_state: ClassVar[bool] = False  # True: the last stage's state alone rebuilds the model
+    # why the method cannot train sharded (train.sharding=fsdp); None: it can (open/close_sharded_stage below)
+    sharding_refusal: ClassVar[str | None] = "it has no sharded implementation"
 
     def __init__(self, cfg: Mapping[str, Any], spec: ArchSpec):
         self.cfg = dict(cfg)
@@ -114,6 +116,23 @@ class Method(ABC):
     @abstractmethod
     def merge(self, model: nn.Module) -> nn.Module:
         """Absorb the adaptation into the weights; return a plain HF model."""
+
+    # --- sharded training (gain_cli.training.sharding) -------------------------------
+    def check_shardable(self) -> None:
+        """A one-line GainError when the method cannot train with sharded parameters."""
+        if self.sharding_refusal:
+            raise GainError(f"method '{self.name}' cannot train sharded (train.sharding=fsdp): {self.sharding_refusal}; "
+                            "use train.sharding=none (one process or data parallel)")
+
+    def open_sharded_stage(self, model: nn.Module) -> None:
+        """Start a stage on a model that is attached and sharded: the trainable parts get the values a fresh
+        ``attach`` would give them (same random draws) and train. The modules stay as they are."""
+        self.check_shardable()
+
+    def close_sharded_stage(self, model: nn.Module) -> None:
+        """End a stage on a sharded model: fold the trained parts into the local weight shards (no weight is
+        gathered) and set them back to the identity, so the model computes what the merged model computes."""
+        self.check_shardable()
 
     # --- information --------------------------------------------------------------
     def count_trainable(self, model: nn.Module) -> int:

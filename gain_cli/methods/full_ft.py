@@ -9,11 +9,16 @@ from torch import nn
 
 from gain_cli.errors import GainError
 from gain_cli.methods.base import Method, register
+from gain_cli.training.sharding import full, is_dtensor, is_main_rank, local, set_full_
 
 
 @register("full_ft")
 class FullFT(Method):
+    """Sharded, every weight is a DTensor: the state is gathered one weight at a time and kept by the main
+    process only (the other processes get an empty dict: only the main process writes it)."""
+
     cumulative_state = True
+    sharding_refusal = None
 
     def attach(self, model: nn.Module) -> nn.Module:
         for p in model.parameters():
@@ -23,15 +28,27 @@ class FullFT(Method):
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         seen: dict[int, str] = {}
         out = {}
+        keep = is_main_rank() or not any(is_dtensor(p) for p in model.parameters())
         for k, v in model.state_dict().items():
-            ptr = v.data_ptr()
+            ptr = local(v).data_ptr()
             if ptr in seen:  # tied weights (e.g. lm_head = embed_tokens): store once
                 continue
             seen[ptr] = k
-            out[k] = v.detach().cpu().clone()
+            t = full(v)  # sharded: a collective, on every process
+            if keep:
+                out[k] = t.detach().cpu().clone()
         return out
 
     def load_state_dict(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+        if any(is_dtensor(p) for p in model.parameters()):  # sharded: each process writes its own shards
+            params = dict(model.named_parameters(remove_duplicate=False))
+            missing = [n for n in params if n not in state and not any(params[n] is params[m] for m in state if m in params)]
+            unexpected = [k for k in state if k not in params]
+            if missing or unexpected:
+                raise GainError(f"saved full_ft state does not fit this model: missing {missing[:2]}, unexpected {unexpected[:2]}")
+            for k, t in state.items():
+                set_full_(params[k], t)
+            return
         res = model.load_state_dict(dict(state), strict=False)
         tied = set(getattr(model, "_tied_weights_keys", None) or [])
         missing = [k for k in res.missing_keys if k not in tied and not any(k.endswith(t) for t in tied)]
@@ -45,6 +62,12 @@ class FullFT(Method):
 
     def merge(self, model: nn.Module) -> nn.Module:
         return model
+
+    def open_sharded_stage(self, model: nn.Module) -> None:
+        self.attach(model)
+
+    def close_sharded_stage(self, model: nn.Module) -> None:
+        self.finish_stage(model)
 
     def param_summary(self, model: nn.Module) -> tuple[int, str]:
         n = self.count_trainable(model) or sum(p.numel() for p in model.parameters())

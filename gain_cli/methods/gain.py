@@ -48,6 +48,7 @@ from transformers.pytorch_utils import Conv1D
 from gain_cli.architectures import decoder_layers, get_submodule
 from gain_cli.errors import GainError, unknown_choice
 from gain_cli.methods.base import Method, check_state_keys, freeze, register
+from gain_cli.training.sharding import full, global_sum, is_dtensor, local, mul_replicated_, reshard, set_full_
 
 PARAMETRIZATIONS = ("plain", "exp")
 CARRY_MODES = ("auto", "merge", "product")
@@ -144,6 +145,8 @@ def module_label(path: str, spec) -> str:
 
 @register("gain")
 class Gain(Method):
+    sharding_refusal = None
+
     def __init__(self, cfg: Mapping[str, Any], spec):
         super().__init__(cfg, spec)
         p = self.cfg.get("parametrization", "plain")
@@ -197,10 +200,16 @@ class Gain(Method):
     def regularization(self, model: nn.Module) -> torch.Tensor | None:
         if self.l2 == 0.0:
             return None
-        return self.l2 * sum(((w.scale() - 1.0) ** 2).sum() for w in self.wrappers(model).values())
+        # on the local shards of a sharded gain (summed over the processes); the whole vector otherwise
+        wrappers = list(self.wrappers(model).values())
+        total = sum(((self._scale_of(local(w.gain), w) - 1.0) ** 2).sum() for w in wrappers)
+        return self.l2 * (global_sum(total) if any(is_dtensor(w.gain) for w in wrappers) else total)
+
+    def _scale_of(self, gain: torch.Tensor, w: GainWrapper) -> torch.Tensor:
+        return torch.exp(gain) if w.parametrization == "exp" else gain
 
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return {f"{name}.gain": w.gain.detach().float().cpu().clone() for name, w in self.wrappers(model).items()}
+        return {f"{name}.gain": full(w.gain).detach().float().cpu().clone() for name, w in self.wrappers(model).items()}
 
     def load_state_dict(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
         wrappers = self.wrappers(model)
@@ -211,7 +220,7 @@ class Gain(Method):
                 if tuple(t.shape) != tuple(w.gain.shape):
                     raise GainError(f"saved {self.name} state: {name}.gain has shape {tuple(t.shape)}, "
                                     f"the model needs {tuple(w.gain.shape)}")
-                w.gain.copy_(t.to(w.gain.device, torch.float32))
+                set_full_(w.gain, t.float())
 
     def carry_mode(self, model: nn.Module) -> str:
         if self.carry != "auto":
@@ -225,6 +234,28 @@ class Gain(Method):
         for w in self.wrappers(model).values():
             w.fold()
         return model
+
+    # -- sharded: the wrappers stay, the gains are folded into the local weight shards and set back to the init --
+    def open_sharded_stage(self, model: nn.Module) -> None:
+        for w in self.wrappers(model).values():
+            set_full_(w.gain, w._init(w.gain.shape[0], "cpu"))
+            w.gain.requires_grad_(True)
+            w.stage_open = True
+
+    def close_sharded_stage(self, model: nn.Module) -> None:
+        reshard(model)
+        product = self.carry_mode(model) == "product"
+        for w in self.wrappers(model).values():
+            s = self._scale_of(full(w.gain).detach().float(), w)
+            total = s if w.carried is None else s * w.carried
+            if product:  # the fp32 running product stays in the wrapper, the weight stays as it is
+                w.carried = total.clone()
+            else:  # W·diag(s): every output-row shard holds all input columns (Conv1D: diag(s)·W, rows = inputs)
+                mul_replicated_(w.base.weight, total[:, None] if w.is_conv1d else total[None, :])
+                w.carried = None
+            set_full_(w.gain, w._init(w.gain.shape[0], "cpu"))
+            w.gain.requires_grad_(False)
+            w.stage_open = False
 
     def merge(self, model: nn.Module) -> nn.Module:
         for _, owner, attr in self._targets(model):

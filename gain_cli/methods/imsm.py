@@ -177,6 +177,8 @@ class SiameseLM(nn.Module):
 @register("imsm")
 class Imsm(Method):
     mergeable = False
+    sharding_refusal = ("it runs two copies of the model (a frozen one and a tuned one) joined by a gate outside "
+                        "the decoder layers, which FSDP's per-layer units do not cover")
 
     def __init__(self, cfg: Mapping[str, Any], spec):
         super().__init__(cfg, spec)

@@ -107,12 +107,24 @@ class OnBaseMethod(Method):
     def attach(self, model: nn.Module) -> nn.Module:
         return self.inner.attach(model)
 
+    @property
+    def sharding_refusal(self) -> str | None:  # type: ignore[override]
+        if self.kind == "ewc":
+            return ("its Fisher estimate needs per-weight gradients of whole weights and its penalty reads whole "
+                    "weights / LoRA deltas by name, which FSDP splits over the processes")
+        if self.lam > 0:
+            return (f"its {self.kind} penalty reads whole weights / LoRA deltas by name, which FSDP splits over the "
+                    "processes (or set method.lambda=0)")
+        return self.inner.sharding_refusal
+
+    def open_sharded_stage(self, model: nn.Module) -> None:
+        self.check_shardable()
+        self.inner.open_sharded_stage(model)
+
+    def close_sharded_stage(self, model: nn.Module) -> None:
+        self.inner.close_sharded_stage(model)
+
     def stage_blocks(self, ctx) -> torch.Tensor:
-        # The penalty reads the unwrapped model's parameters by name; FSDP / ZeRO-3 rename or shard them.
-        dist = str(getattr(ctx.accelerator, "distributed_type", "") or "").upper()
-        if self.lam > 0 and ("FSDP" in dist or "DEEPSPEED" in dist):
-            raise GainError(f"method '{self.name}' ({self.kind} penalty) does not support sharded training "
-                            f"({dist.rsplit('.', 1)[-1]}); use plain data parallel (DDP) or one process")
         return self.inner.stage_blocks(ctx)
 
     def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:

@@ -15,6 +15,9 @@ from torch import nn
 
 from gain_cli.errors import GainError
 from gain_cli.methods.base import Method, check_state_keys, per_layer_formula, register
+from gain_cli.training.sharding import add_full_, full, is_dtensor, mul_replicated_, reshard, set_full_
+
+ADAPTER = "default"  # PEFT's adapter name (one adapter per stage)
 
 
 def lora_config(cfg: Mapping[str, Any], spec):
@@ -38,23 +41,68 @@ def lora_config(cfg: Mapping[str, Any], spec):
     )
 
 
+def _adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The adapter's parameters by name (what PEFT's state dict is made of)."""
+    return {n: p for n, p in model.named_parameters() if "lora_" in n or "ia3_" in n}
+
+
+def _peft_keys(model: nn.Module) -> dict[str, str]:
+    """PEFT's state-dict key of every adapter parameter name (``...lora_A.default.weight`` → ``...lora_A.weight``),
+    found by PEFT's own renaming so that a sharded model saves under the keys an unsharded one does."""
+    from peft import get_peft_model_state_dict
+
+    names = list(_adapter_parameters(model))
+    tagged = {n: torch.tensor(i) for i, n in enumerate(names)}
+    return {names[int(v)]: k for k, v in get_peft_model_state_dict(model, state_dict=tagged).items()}
+
+
 def peft_state(model: nn.Module) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
 
+    params = _adapter_parameters(model)
+    if any(is_dtensor(p) for p in params.values()):  # sharded: every process gathers, in the same order
+        return {key: full(params[name]).detach().cpu().clone() for name, key in _peft_keys(model).items()}
     return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
 def load_peft_state(method: Method, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Load an adapter state saved by ``peft_state`` into a freshly attached PeftModel (keys must match exactly)."""
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from peft import set_peft_model_state_dict
 
-    expected = get_peft_model_state_dict(model)
+    params = _adapter_parameters(model)
+    keys = _peft_keys(model)
+    expected = {keys[n]: p for n, p in params.items() if n in keys}
     check_state_keys(method, set(expected), state)
     for k, v in expected.items():
         if tuple(v.shape) != tuple(state[k].shape):
             raise GainError(f"saved {method.name} state: {k} has shape {tuple(state[k].shape)}, "
                             f"the model needs {tuple(v.shape)}")
+    if any(is_dtensor(p) for p in params.values()):  # sharded: each process writes its own shards
+        for k, p in expected.items():
+            set_full_(p, state[k])
+        return
     set_peft_model_state_dict(model, dict(state))
+
+
+def _peft_layers(model: nn.Module) -> list[nn.Module]:
+    from peft.tuners.ia3 import IA3Layer
+    from peft.tuners.lora import LoraLayer
+
+    return [m for _, m in model.named_modules() if isinstance(m, (LoraLayer, IA3Layer))]
+
+
+def fresh_lora_values(mod: nn.Module, adapter: str = ADAPTER) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) as PEFT's ``get_peft_model`` initialises a LoRA linear layer, with the same random draws in the same
+    order: ``nn.Linear(in, r)`` and ``nn.Linear(r, out)`` are built (each draws its default init), then A is drawn
+    again (Kaiming-uniform, a = √5) and B is zero (``LoraLayer.update_layer`` / ``reset_lora_parameters``; checked
+    against PEFT in tests/test_sharding.py)."""
+    import math
+
+    r = mod.r[adapter]
+    a = nn.Linear(mod.in_features, r, bias=False).weight.detach()
+    nn.Linear(r, mod.out_features, bias=False)
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    return a, torch.zeros(mod.out_features, r)
 
 
 def adapter_formula(model: nn.Module, spec, prefix: str = "") -> tuple[int, str]:
@@ -79,7 +127,14 @@ def adapter_formula(model: nn.Module, spec, prefix: str = "") -> tuple[int, str]
 
 
 class PeftMethod(Method):
-    """A method that is one PEFT adapter per stage, merged with ``merge_and_unload`` (LoRA, (IA)^3)."""
+    """A method that is one PEFT adapter per stage, merged with ``merge_and_unload`` (LoRA, (IA)^3).
+
+    Sharded (``train.sharding=fsdp``) the PeftModel stays for the whole run: a stage reopens the adapter with fresh
+    values (LoRA: PEFT's random draws, B = 0; (IA)³: ones) and ends by adding ΔW = scale·B·A to the local shards of
+    each base weight ((IA)³: multiplying them by the vectors), after which the adapter is the identity again.
+    """
+
+    sharding_refusal = None
 
     def peft_config(self):
         raise NotImplementedError
@@ -99,6 +154,40 @@ class PeftMethod(Method):
         if hasattr(model, "merge_and_unload"):
             return model.merge_and_unload()
         return model
+
+    def open_sharded_stage(self, model: nn.Module) -> None:
+        from peft.tuners.lora import LoraLayer
+
+        for mod in _peft_layers(model):
+            if isinstance(mod, LoraLayer):
+                a, b = fresh_lora_values(mod)
+                set_full_(mod.lora_A[ADAPTER].weight, a)
+                set_full_(mod.lora_B[ADAPTER].weight, b)
+            else:
+                set_full_(mod.ia3_l[ADAPTER], torch.ones(mod.ia3_l[ADAPTER].shape))
+        for p in _adapter_parameters(model).values():
+            p.requires_grad_(True)
+
+    def close_sharded_stage(self, model: nn.Module) -> None:
+        from peft.tuners.lora import LoraLayer
+        from peft.utils.other import transpose
+
+        reshard(model)
+        for mod in _peft_layers(model):
+            base = mod.get_base_layer()
+            fifo = getattr(mod, "fan_in_fan_out", False)
+            if isinstance(mod, LoraLayer):  # W += scale·B·A (laid out like W), then B = 0
+                a, b = full(mod.lora_A[ADAPTER].weight).float(), full(mod.lora_B[ADAPTER].weight).float()
+                add_full_(base.weight, transpose(b @ a, fifo) * float(mod.scaling[ADAPTER]))
+                set_full_(mod.lora_B[ADAPTER].weight, torch.zeros(b.shape))
+            else:  # (IA)³: W ⊙ l (rows or columns), the bias too for output-side vectors; then l = 1
+                vec = full(mod.ia3_l[ADAPTER]).detach().float()
+                mul_replicated_(base.weight, transpose(vec, fifo))
+                if not mod.is_feedforward and getattr(base, "bias", None) is not None:
+                    mul_replicated_(base.bias, vec.reshape(base.bias.shape))
+                set_full_(mod.ia3_l[ADAPTER], torch.ones(vec.shape))
+        for p in _adapter_parameters(model).values():
+            p.requires_grad_(False)
 
     def param_summary(self, model: nn.Module) -> tuple[int, str]:
         return adapter_formula(model, self.spec)

@@ -8,17 +8,6 @@ from contextlib import contextmanager
 from gain_cli.errors import GainError
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
-SHARDED_UNSUPPORTED = (
-    "sharded training (FSDP / DeepSpeed ZeRO-3) is not supported by gain's stage loop yet: saving the method's "
-    "state, merging it into the weights and the per-process evaluation assume every process holds the whole "
-    "model; use data parallel (launcher.accelerate_config=ddp or null) — see the README section Running at scale"
-)
-
-
-def sharded_requested(acc=None) -> bool:
-    """True when the launch asks for FSDP or DeepSpeed (on CPU Accelerate silently falls back to DDP)."""
-    env = any(os.environ.get(v, "").lower() in ("1", "true") for v in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
-    return env or (acc is not None and str(getattr(acc, "distributed_type", "")).split(".")[-1] in ("FSDP", "DEEPSPEED"))
 
 
 def make_accelerator(cfg):
@@ -33,8 +22,21 @@ def make_accelerator(cfg):
     # the HF TrainingArguments do. The process group (PartialState) is kept.
     from accelerate.state import AcceleratorState
 
+    from gain_cli.training.sharding import process_group_timeout, requested_sharding
+
+    sharding = requested_sharding(cfg)  # a bad train.sharding is refused before any process group exists
+    if sharding != "none" and mp == "fp16":
+        raise GainError("train.mixed_precision=fp16 is not supported with train.sharding (no sharded loss scaler); "
+                        "use bf16")
     AcceleratorState._reset_state(reset_partial_state=False)
-    acc = Accelerator(gradient_accumulation_steps=int(cfg.train.get("grad_accum", 1)), mixed_precision=mp)
+    handlers = []
+    timeout = process_group_timeout()
+    if timeout is not None:  # GAIN_DIST_TIMEOUT_S: a collective that waits longer fails (tests: no hang in CI)
+        from accelerate.utils import InitProcessGroupKwargs
+
+        handlers.append(InitProcessGroupKwargs(timeout=timeout))
+    acc = Accelerator(gradient_accumulation_steps=int(cfg.train.get("grad_accum", 1)), mixed_precision=mp,
+                      kwargs_handlers=handlers)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if acc.num_processes != world:
         raise GainError(
@@ -42,8 +44,6 @@ def make_accelerator(cfg):
             "(on CPU use `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N`, or "
             "`ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N`: without ACCELERATE_USE_CPU=1 every CPU process is alone)"
         )
-    if sharded_requested(acc):
-        raise GainError(SHARDED_UNSUPPORTED)
     if mp == "fp16" and acc.device.type == "cpu":
         raise GainError("train.mixed_precision=fp16 needs a GPU: on CPU Accelerate has no fp16 autocast and would "
                         "silently train in fp32 (valid on CPU: no, bf16)")
@@ -79,3 +79,14 @@ def prepared_for_stage(accelerator, model, optimizer):
             model.__dict__.pop(k, None)
         model.__dict__.update(saved)
         accelerator.free_memory()  # drops the accelerator's references to this stage's objects
+
+
+@contextmanager
+def sharded_stage(accelerator, model, optimizer):
+    """The sharded counterpart of ``prepared_for_stage``: nothing is prepared. Accelerate would DDP-wrap an FSDP
+    model on CPU (which fails) and its optimiser wrapper is not needed (the loop steps once per accumulated
+    batch itself; autocast comes from ``accelerator.autocast()``; fp16 is refused with sharding)."""
+    try:
+        yield model, optimizer
+    finally:
+        accelerator.free_memory()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -18,7 +19,8 @@ import torch
 from gain_cli.errors import GainError
 from gain_cli.models.compiling import maybe_compile
 from gain_cli.models.kv_cache import no_kv_cache
-from gain_cli.training.accelerator import prepared_for_stage
+from gain_cli.training.accelerator import prepared_for_stage, sharded_stage
+from gain_cli.training.sharding import is_sharded
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -84,6 +86,9 @@ def train_stage(model, method, blocks: torch.Tensor, train_cfg, *, seed: int, st
     per_step = bs * ga * world
     order = stage_order(blocks.shape[0], steps * per_step, seed, stage)
 
+    sharded = is_sharded(model)
+    # sharded: the model is already split into DTensors, so the optimiser (built here, after sharding) holds the
+    # local shards of the trainable parameters only
     groups = method.optimizer_groups(model)
     if not any(p.numel() for g in groups for p in g["params"]):
         raise GainError(f"method '{method.name}' has no trainable parameters on this model")
@@ -93,7 +98,10 @@ def train_stage(model, method, blocks: torch.Tensor, train_cfg, *, seed: int, st
     saved = checkpoints.load() if checkpoints is not None else None
     if saved is not None:  # continue mid-stage exactly where the checkpoint left off
         method.load_state_dict(model, saved["method_state"])
-        optimizer.load_state_dict(saved["optimizer"])
+        if sharded:
+            checkpoints.load_optimizer(model, optimizer)
+        else:
+            optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         checkpoints.restore_rng(saved)
         start, losses, tokens = int(saved["step"]), list(saved["losses"]), int(saved["tokens"])
@@ -104,7 +112,8 @@ def train_stage(model, method, blocks: torch.Tensor, train_cfg, *, seed: int, st
 
     # The scheduler is stepped by hand once per optimiser step (Accelerate's wrapper would step it once per
     # process). No K/V cache copies in a training forward (the Trainer turns it off too).
-    with prepared_for_stage(accelerator, model, optimizer) as (pmodel, optimizer), no_kv_cache(model):
+    prepare = sharded_stage if sharded else prepared_for_stage
+    with prepare(accelerator, model, optimizer) as (pmodel, optimizer), no_kv_cache(model):
         if saved is not None and saved.get("scaler") and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(saved["scaler"])
         forward = maybe_compile(pmodel, bool(train_cfg.get("compile", False)), accelerator.device, "train.compile")
@@ -115,7 +124,7 @@ def train_stage(model, method, blocks: torch.Tensor, train_cfg, *, seed: int, st
             for a in range(ga):
                 base = (step * ga + a) * bs * world + accelerator.process_index * bs
                 ids = blocks[order[base: base + bs]].to(accelerator.device)
-                with accelerator.accumulate(pmodel):
+                with accelerator.accumulate(pmodel), (accelerator.autocast() if sharded else nullcontext()):
                     # only the loss is kept: the output's full-vocabulary logits are freed right after the forward
                     # instead of living on through the backward and into the next step's forward
                     loss = forward(input_ids=ids, labels=ids).loss
@@ -126,12 +135,20 @@ def train_stage(model, method, blocks: torch.Tensor, train_cfg, *, seed: int, st
                     if not torch.isfinite(loss.detach()):
                         raise NonFiniteLoss(stage, step + 1, float(loss.detach()))
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients and max_norm:
-                        accelerator.clip_grad_norm_(params, float(max_norm))
-                    optimizer.step()
-                    if accelerator.sync_gradients:
-                        scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    if sharded:  # a plain optimiser: step once per accumulated batch; the norm over all shards
+                        if accelerator.sync_gradients:
+                            if max_norm:
+                                torch.nn.utils.clip_grad_norm_(params, float(max_norm))
+                            optimizer.step()
+                            scheduler.step()
+                            optimizer.zero_grad(set_to_none=True)
+                    else:
+                        if accelerator.sync_gradients and max_norm:
+                            accelerator.clip_grad_norm_(params, float(max_norm))
+                        optimizer.step()
+                        if accelerator.sync_gradients:
+                            scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
                 step_loss += loss.detach().double().cpu() / ga
                 tokens += ids.numel() * world
             if world > 1:
