@@ -114,3 +114,16 @@ def test_gain_report_pools_seeds_and_shows_intervals(tiny_study, tmp_path):
     gain_row = next(line for line in report.splitlines() if line.startswith("| gain_ffn | 2 |"))  # two seeds pooled
     assert re.search(r"[+-]\d+\.\d \[[+-]\d+\.\d, [+-]\d+\.\d\]", gain_row)
     assert (tmp_path / "rep" / "figures" / "ppl_change_bars.png").is_file()
+
+
+def test_lora_lr_sweep_is_figure_2_with_the_study_gain_runs(tiny_study):
+    root, _ = tiny_study
+    res = runner.invoke(app, ["study", "--size", "tiny", "--sweep", "lora-lr", "--output-root", str(root.parent)])
+    assert res.exit_code == 0, res.output
+    md = (root / "lora_lr" / "lora_lr.md").read_text()
+    rows = [line.split(" | ")[0].lstrip("| ") for line in md.splitlines() if line.startswith("| ") and "[" in line]
+    assert rows == ["lora@0.001", "lora@0.01", "gain_ffn", "gain_attn"]
+    assert (root / "lora_lr" / "pareto.png").is_file() and (root / "lora_lr" / "lora_lr_bars.png").is_file()
+    # its runs reuse the study's base row
+    base = json.loads((root / "lora_lr" / "lr0.01" / "base" / "metrics.json").read_text())
+    assert base == json.loads((root / "gain_ffn" / "seed0" / "base" / "metrics.json").read_text())

@@ -494,5 +494,7 @@ def write_lora_lr_sweep(runs: Sequence[Any], gain_runs: Sequence[Any], spec, out
           "Does any LoRA learning rate adapt without forgetting? Each row: one lr (seed 0) over the study's whole "
           "sequence; GAIN rows: the study's runs.", "",
           _md_table(["Run", "In-domain ΔPPL %", "Earlier ΔPPL vs own %", "Earlier ΔPPL vs base %"], rows),
-          f"![bars]({fig.relative_to(out_dir).as_posix()})", "", f"Pareto plot and table: [{Path(pareto).name}]({Path(pareto).name})", ""]
+          f"![bars]({fig.relative_to(out_dir).as_posix()})", "",
+          "Pareto plot and table of the same runs (x: in-domain improvement, y: earlier-domain change): "
+          "[pareto.md](pareto.md), ![pareto](pareto.png)", ""]
     return atomic_write_text(out_dir / "lora_lr.md", "\n".join(md))
