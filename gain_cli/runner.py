@@ -273,8 +273,7 @@ class Experiment:
         if not self.sharded:
             self.model = apply_saved_stages(self.model, self.method, self.run_dir, upto, self.accelerator.device)
             return
-        ks = list(range(1, upto + 1))
-        for k in (ks[-1:] if self.method.cumulative_state else ks):
+        for k in saved_stages_to_apply(self.method, upto):
             self.apply_trained_stage(k)
 
     def train_stage(self, k: int, domain: str, progress_cb: Callable | None = None) -> dict[str, Any]:
@@ -369,12 +368,16 @@ def apply_stage(model, method, run_dir: Path, k: int, device="cpu"):
 
 def apply_saved_stages(model, method, run_dir: Path, upto: int, device="cpu"):
     """Rebuild the model after stage ``upto`` from the base model and the saved stage states."""
-    ks = list(range(1, upto + 1))
-    if method.cumulative_state and ks:
-        ks = ks[-1:]
-    for k in ks:
+    for k in saved_stages_to_apply(method, upto):
         model = apply_stage(model, method, run_dir, k, device)
     return model.eval()
+
+
+def saved_stages_to_apply(method, upto: int) -> list[int]:
+    """The saved stages that rebuild the model after stage ``upto``: all of them, or only the last one for a method
+    whose saved state is cumulative (it holds every stage so far)."""
+    ks = list(range(1, upto + 1))
+    return ks[-1:] if method.cumulative_state else ks
 
 
 def run_info(cfg: DictConfig, accelerator, status: str, started: str | None = None,
@@ -525,10 +528,7 @@ def _run_rows(exp: Experiment, cfg: DictConfig, console, emit: Callable) -> None
 
 def base_row_key(cfg: DictConfig) -> str:
     """What row 0 depends on: the model, the domains and the evaluation settings (not the method or the seed)."""
-    import hashlib
-
-    part = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "domains", "eval")}
-    return hashlib.sha256(OmegaConf.to_yaml(OmegaConf.create(part)).encode()).hexdigest()[:16]
+    return config_hash(OmegaConf.create({k: cfg[k] for k in ("model", "domains", "eval")}))
 
 
 def shared_base_row(cfg: DictConfig) -> dict[str, Any] | None:

@@ -28,10 +28,6 @@ class PplResult:
     block_nll: list[float] = field(default_factory=list)  # NLL sum of each block, in the blocks' order
 
     @property
-    def tokens_per_block(self) -> int:
-        return self.tokens // max(len(self.block_nll), 1)
-
-    @property
     def loss(self) -> float:
         return self.nll_sum / max(self.tokens, 1)
 
@@ -91,9 +87,8 @@ def _evaluate_blocks(model, blocks, batch_size, accelerator, autocast_dtype, com
         shard = torch.cat([shard, shard[-1:].expand(-n_real % batch_size, -1)])
     # Sharded (FSDP) every forward is a collective: every process runs as many as the one with the most blocks,
     # the missing ones on a dummy batch whose result is dropped (an uneven last batch must not hang the others)
-    n_forwards = -(-shard.shape[0] // batch_size)
-    if world > 1 and _sharded(model):
-        n_forwards = -(-(-(-blocks.shape[0] // world)) // batch_size)
+    largest_shard = math.ceil(blocks.shape[0] / world) if world > 1 and _sharded(model) else shard.shape[0]
+    n_forwards = math.ceil(largest_shard / batch_size)
     with no_kv_cache(model):
         for i in range(n_forwards):
             start = i * batch_size

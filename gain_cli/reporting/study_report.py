@@ -26,9 +26,9 @@ from typing import Any
 import numpy as np
 
 from gain_cli.errors import GainError
-from gain_cli.io import atomic_write_json, atomic_write_text, read_json
+from gain_cli.io import atomic_write_json, atomic_write_text
 from gain_cli.reporting import figures
-from gain_cli.reporting.matrices import RunResult, load_run
+from gain_cli.reporting.matrices import RunResult, collect_rows, load_run
 from gain_cli.reporting.metrics import SIGN_CONVENTIONS, relative_change_matrix
 from gain_cli.reporting.uncertainty import GroupIntervals, Interval, group_intervals, mark_differences
 
@@ -81,8 +81,7 @@ class MethodGroup:
         secs, tps, params = [], [], None
         for r in self.runs:
             total = 0.0
-            for k in range(1, r.stages_done + 1):
-                m = read_json(r.path / "stages" / f"stage_{k}" / "metrics.json")
+            for m in collect_rows(r.path)[1: r.stages_done + 1]:
                 total += float(m.get("train", {}).get("seconds", 0.0))
                 tps.append(float(m.get("train", {}).get("tokens_per_s", 0.0)))
                 params = m.get("trainable_params", params)
@@ -91,14 +90,13 @@ class MethodGroup:
                 "tokens_per_s": float(np.mean(tps)) if tps else None}
 
 
-_NOT_A_SETTING = ("seed", "run_dir", "run_name", "resume", "base_row", "study", "output_root", "launcher")
-
-
 def _setting_key(r: RunResult) -> str:
-    import json
+    """What determines a run's results except its seed (config_hash leaves out where a run goes and how it logs)."""
+    from omegaconf import OmegaConf
 
-    c = {k: v for k, v in (r.config or {}).items() if k not in _NOT_A_SETTING}
-    return json.dumps(c, sort_keys=True, default=str)
+    from gain_cli.config import config_hash
+
+    return config_hash(OmegaConf.create({k: v for k, v in (r.config or {}).items() if k != "seed"}))
 
 
 def groups_of_runs(runs: Sequence[RunResult], replicates: int = 1000, level: float = 0.95) -> dict[str, MethodGroup] | None:
@@ -379,6 +377,8 @@ def write_study_report(runs: Sequence[Any], spec, out_dir: Path, base_cfg) -> Pa
     """The study's report.md, study.json and figures (see the module docstring)."""
     out_dir = Path(out_dir)
     groups = load_groups(runs, spec.replicates, spec.level)
+    reported = {res.path.resolve() for g in groups.values() for res in g.runs}
+    unfinished = [r for r in runs if Path(r.run_dir).resolve() not in reported]
     first = next(iter(groups.values())).runs[0]
     domains = first.domains
     tasks = [t for t in (first.harness or {}) if all(f"drop:{t}" in g.iv.metrics for g in groups.values())]
@@ -399,14 +399,12 @@ def write_study_report(runs: Sequence[Any], spec, out_dir: Path, base_cfg) -> Pa
                         "accuracy": {t: [c.to_dict() for c in a] for t, a in g.iv.accuracy.items()}}
                     for n, g in groups.items()},
         "verdicts": verdict_rows,
-        "unfinished": [str(r.run_dir) for r in runs
-                       if not any(Path(r.run_dir).resolve() == res.path.resolve() for g in groups.values() for res in g.runs)],
+        "unfinished": [str(r.run_dir) for r in unfinished],
     })
     md = [f"# Study `{spec.name}`: does GAIN forget less than LoRA and full fine-tuning?", "",
           f"Generated {datetime.now().isoformat(timespec='seconds')} from {sum(len(g.runs) for g in groups.values())} "
           "runs. Every number: point estimate (mean over seeds) [95 % interval].", ""]
-    missing = [f"{r.method} seed {r.seed}" for r in runs
-               if not any(Path(r.run_dir).resolve() == res.path.resolve() for g in groups.values() for res in g.runs)]
+    missing = [f"{r.method} seed {r.seed}" for r in unfinished]
     if missing:
         md += [f"**Partial study**: not finished yet, so not in this report: {', '.join(missing)} "
                "(`make study` resumes them).", ""]
