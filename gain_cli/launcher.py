@@ -15,8 +15,9 @@ Keys (``configs/launcher/*.yaml``)::
     main_process_port  rendezvous port; null = a free port on one machine, 29500 on several
     accelerate_config  an Accelerate config file: a name under configs/accelerate/ (ddp, fsdp,
                        deepspeed_zero3) or a path; null = plain DDP from flags alone. A config of
-                       distributed_type FSDP means train.sharding=fsdp: gain shards the model itself with
-                       FSDP2 and launches plain processes (no --config_file); DeepSpeed is refused
+                       distributed_type FSDP means train.sharding=fsdp (DEEPSPEED with zero_stage 3:
+                       train.sharding=zero3): gain shards the model itself and launches plain processes
+                       (no --config_file)
     cpu                true = CPU processes with gloo (ACCELERATE_USE_CPU=1 + --multi_gpu)
 
 Pitfalls (Accelerate 1.x, all seen here):
@@ -150,9 +151,10 @@ def build_launch_command(cfg, argv: Sequence[str], run_dir: str | Path | None = 
     if config_file is not None:
         from gain_cli.memory import sharding_of
 
-        if sharding_of(str(config_file)) == "fsdp":
-            # gain shards the model itself (gain_cli.training.sharding, train.sharding=fsdp, which this config
-            # implies): Accelerate launches plain processes (on CPU it would silently drop its FSDP plugin)
+        if sharding_of(str(config_file)) in ("fsdp", "zero3"):
+            # gain shards the model itself (gain_cli.training.sharding: train.sharding=fsdp|zero3, which this
+            # config implies): Accelerate launches plain processes (on CPU it would silently drop its FSDP plugin
+            # and refuse DeepSpeed)
             config_file = None
     if config_file is not None:
         cmd += ["--config_file", str(config_file)]

@@ -192,6 +192,7 @@ class Experiment:
             self.eval_blocks = {d: self.data.blocks(d, "validation", int(cfg.eval.block_size), cfg.eval.get("max_blocks"))
                                 for d in self.domains}
         self.param_bytes_per_process = None
+        self.engine = None  # train.sharding=zero3: the run's DeepSpeed engine
         if self.sharded:  # outside local_main_process_first: sharding is a collective of all processes
             self._shard()
 
@@ -207,14 +208,21 @@ class Experiment:
         acc = self.accelerator
         self.method.check_shardable()
         self.model = self.method.attach(self.model)
+        if self.sharding == "zero3":  # one engine for the run; its optimiser holds the trainable parameters
+            from gain_cli.training.zero3 import make_engine
+
+            self.engine = make_engine(self.model, self.method, self.cfg.train, acc.device.type, acc.num_processes)
+            how, detail = "DeepSpeed ZeRO-3", "every parameter partitioned"
         for p in self.model.parameters():  # trainable only while a stage is open
             p.requires_grad_(False)
-        shard_model(self.model, self.spec, acc.device.type, acc.num_processes)
+        if self.sharding == "fsdp":
+            shard_model(self.model, self.spec, acc.device.type, acc.num_processes)
+            how, detail = "FSDP2", f"per decoder layer, {acc.device.type} device mesh"
         self.model.eval()
         mine = torch.tensor(float(local_parameter_bytes(self.model)), device=acc.device)
         self.param_bytes_per_process = int(acc.reduce(mine, "max").item())
-        self.say(f"sharded training: FSDP2 over {acc.num_processes} processes (per decoder layer, {acc.device.type} "
-                 f"device mesh); {self.param_bytes_per_process:,} bytes of parameters per process")
+        self.say(f"sharded training: {how} over {acc.num_processes} processes ({detail}); "
+                 f"{self.param_bytes_per_process:,} bytes of parameters per process")
 
     @property
     def is_main(self) -> bool:
@@ -302,7 +310,8 @@ class Experiment:
 
         ckpts = StageCheckpoints(self.stage_dir(k), cfg.train.get("checkpoint_every"), self.is_main)
         stats = train_stage(self.model, self.method, blocks, cfg.train, seed=int(cfg.seed), stage=k,
-                            accelerator=self.accelerator, progress=progress_cb, log=log, checkpoints=ckpts)
+                            accelerator=self.accelerator, progress=progress_cb, log=log, checkpoints=ckpts,
+                            engine=self.engine)
         self.method.after_training(self.model, ctx)
         info = {"domain": domain, "trainable_params": n_trainable, "train": stats.to_dict(),
                 "method_info": self.method.stage_info()}

@@ -142,8 +142,12 @@ def plan_runs(spec: StudySpec, root: Path, sweep: str | None, overrides: Sequenc
     elif sweep == "lora-lr":
         if not spec.lora_lr_sweep:
             raise GainError("the study has no study.lora_lr_sweep")
+        main_lora = spec.methods.get("lora") or {}
         for lr in spec.lora_lr_sweep:
-            runs.append(StudyRun("lora", 0, lr, root / "lora_lr" / _lr_tag(lr), [], group=f"lora@{lr:g}"))
+            # the main study's LoRA seed-0 run is this sweep's run at the same lr (same config): share it
+            shared = 0 in [int(s) for s in main_lora.get("seeds", [])] and float(main_lora.get("lr", -1)) == lr
+            run_dir = root / "lora" / "seed0" if shared else root / "lora_lr" / _lr_tag(lr)
+            runs.append(StudyRun("lora", 0, lr, run_dir, [], group=f"lora@{lr:g}"))
     else:
         raise unknown_choice("--sweep", sweep, list(SWEEPS))
     # one row 0 for every run of the same model, domains and evaluation: the main study's first run's

@@ -256,15 +256,17 @@ def test_world_size_mismatch_is_refused_with_a_clear_message(tmp_path):
 
 
 def test_sharded_launch_is_plain_processes_with_gain_s_own_sharding(tmp_path, fake_popen):
-    """launcher.accelerate_config=fsdp: gain shards the model itself (train.sharding=fsdp), so Accelerate gets no
-    FSDP config file (on CPU it would silently drop it); DeepSpeed ZeRO-3 is refused before any process starts."""
+    """launcher.accelerate_config=fsdp|deepspeed_zero3: gain shards the model itself (train.sharding=fsdp|zero3),
+    so Accelerate gets no config file (on CPU it would silently drop FSDP and refuse DeepSpeed); a bad
+    train.sharding is refused before any process starts."""
     from gain_cli.launcher import build_launch_command, maybe_relaunch
 
-    cmd, env = build_launch_command(_cfg("launcher=accelerate_cpu2", "launcher.accelerate_config=fsdp"), ["run"], tmp_path)
-    assert "--config_file" not in cmd and "--multi_gpu" in cmd and env["ACCELERATE_USE_CPU"] == "1"
-    with pytest.raises(GainError, match="FSDP2 is the supported sharded path"):
-        maybe_relaunch(_cfg("launcher=gpu8", "launcher.accelerate_config=deepspeed_zero3", f"run_dir={tmp_path / 'z'}"),
-                       ["run"])
+    for name in ("fsdp", "deepspeed_zero3"):
+        cmd, env = build_launch_command(_cfg("launcher=accelerate_cpu2", f"launcher.accelerate_config={name}"), ["run"],
+                                        tmp_path)
+        assert "--config_file" not in cmd and "--multi_gpu" in cmd and env["ACCELERATE_USE_CPU"] == "1", name
+    with pytest.raises(GainError, match="train.sharding"):
+        maybe_relaunch(_cfg("launcher=gpu8", "train.sharding=zero2", f"run_dir={tmp_path / 'z'}"), ["run"])
     assert fake_popen.calls == []
 
 

@@ -122,8 +122,11 @@ def test_lora_lr_sweep_is_figure_2_with_the_study_gain_runs(tiny_study):
     assert res.exit_code == 0, res.output
     md = (root / "lora_lr" / "lora_lr.md").read_text()
     rows = [line.split(" | ")[0].lstrip("| ") for line in md.splitlines() if line.startswith("| ") and "[" in line]
-    assert rows == ["lora@0.001", "lora@0.01", "gain_ffn", "gain_attn"]
+    assert rows == ["lora@0.001", "lora@0.003", "gain_ffn", "gain_attn"]
     assert (root / "lora_lr" / "pareto.png").is_file() and (root / "lora_lr" / "lora_lr_bars.png").is_file()
+    # the study's LoRA seed-0 run (lr 0.003) is the sweep's run at that lr: not trained twice
+    assert not (root / "lora_lr" / "lr0.003").exists()
+    assert "run 1/2 · lora lr 0.001" in res.output and "run 2/2" not in res.output
     # its runs reuse the study's base row
-    base = json.loads((root / "lora_lr" / "lr0.01" / "base" / "metrics.json").read_text())
+    base = json.loads((root / "lora_lr" / "lr0.001" / "base" / "metrics.json").read_text())
     assert base == json.loads((root / "gain_ffn" / "seed0" / "base" / "metrics.json").read_text())

@@ -87,6 +87,11 @@ class Method(ABC):
         """Extra loss term added to the LM loss (e.g. L2 pull of the gains toward 1)."""
         return None
 
+    def regularizes(self) -> bool:
+        """True when ``regularization`` adds a term (train.sharding=zero3 refuses: it reads parameters outside the
+        forward, where ZeRO-3 keeps them empty)."""
+        return False
+
     # --- optional stage hooks -----------------------------------------------------------
     def stage_blocks(self, ctx: StageContext) -> torch.Tensor:
         """The packed training blocks of a stage (replay methods mix in earlier domains)."""
@@ -121,7 +126,7 @@ class Method(ABC):
     def check_shardable(self) -> None:
         """A one-line GainError when the method cannot train with sharded parameters."""
         if self.sharding_refusal:
-            raise GainError(f"method '{self.name}' cannot train sharded (train.sharding=fsdp): {self.sharding_refusal}; "
+            raise GainError(f"method '{self.name}' cannot train sharded (train.sharding=fsdp|zero3): {self.sharding_refusal}; "
                             "use train.sharding=none (one process or data parallel)")
 
     def open_sharded_stage(self, model: nn.Module) -> None:

@@ -9,7 +9,7 @@ from torch import nn
 
 from gain_cli.errors import GainError
 from gain_cli.methods.base import Method, register
-from gain_cli.training.sharding import full, is_dtensor, is_main_rank, local, set_full_
+from gain_cli.training.sharding import full, is_main_rank, is_partitioned, set_full_
 
 
 @register("full_ft")
@@ -28,19 +28,18 @@ class FullFT(Method):
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         seen: dict[int, str] = {}
         out = {}
-        keep = is_main_rank() or not any(is_dtensor(p) for p in model.parameters())
-        for k, v in model.state_dict().items():
-            ptr = local(v).data_ptr()
-            if ptr in seen:  # tied weights (e.g. lm_head = embed_tokens): store once
+        keep = is_main_rank() or not any(is_partitioned(p) for p in model.parameters())
+        for k, v in model.state_dict(keep_vars=True).items():  # the parameters themselves (ZeRO-3: data empty)
+            if id(v) in seen:  # tied weights (e.g. lm_head = embed_tokens): store once
                 continue
-            seen[ptr] = k
+            seen[id(v)] = k
             t = full(v)  # sharded: a collective, on every process
             if keep:
                 out[k] = t.detach().cpu().clone()
         return out
 
     def load_state_dict(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-        if any(is_dtensor(p) for p in model.parameters()):  # sharded: each process writes its own shards
+        if any(is_partitioned(p) for p in model.parameters()):  # sharded: each process writes its own shards
             params = dict(model.named_parameters(remove_duplicate=False))
             missing = [n for n in params if n not in state and not any(params[n] is params[m] for m in state if m in params)]
             unexpected = [k for k in state if k not in params]

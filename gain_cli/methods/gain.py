@@ -48,7 +48,8 @@ from transformers.pytorch_utils import Conv1D
 from gain_cli.architectures import decoder_layers, get_submodule
 from gain_cli.errors import GainError, unknown_choice
 from gain_cli.methods.base import Method, check_state_keys, freeze, register
-from gain_cli.training.sharding import full, global_sum, is_dtensor, local, mul_replicated_, reshard, set_full_
+from gain_cli.training.sharding import (full, global_sum, is_dtensor, local, mul_replicated_, reshard, set_full_,
+                                       shape_of)
 
 PARAMETRIZATIONS = ("plain", "exp")
 CARRY_MODES = ("auto", "merge", "product")
@@ -205,6 +206,9 @@ class Gain(Method):
         total = sum(((self._scale_of(local(w.gain), w) - 1.0) ** 2).sum() for w in wrappers)
         return self.l2 * (global_sum(total) if any(is_dtensor(w.gain) for w in wrappers) else total)
 
+    def regularizes(self) -> bool:
+        return self.l2 != 0.0
+
     def _scale_of(self, gain: torch.Tensor, w: GainWrapper) -> torch.Tensor:
         return torch.exp(gain) if w.parametrization == "exp" else gain
 
@@ -217,9 +221,9 @@ class Gain(Method):
         with torch.no_grad():
             for name, w in wrappers.items():
                 t = state[f"{name}.gain"]
-                if tuple(t.shape) != tuple(w.gain.shape):
+                if tuple(t.shape) != shape_of(w.gain):
                     raise GainError(f"saved {self.name} state: {name}.gain has shape {tuple(t.shape)}, "
-                                    f"the model needs {tuple(w.gain.shape)}")
+                                    f"the model needs {shape_of(w.gain)}")
                 set_full_(w.gain, t.float())
 
     def carry_mode(self, model: nn.Module) -> str:
@@ -238,7 +242,7 @@ class Gain(Method):
     # -- sharded: the wrappers stay, the gains are folded into the local weight shards and set back to the init --
     def open_sharded_stage(self, model: nn.Module) -> None:
         for w in self.wrappers(model).values():
-            set_full_(w.gain, w._init(w.gain.shape[0], "cpu"))
+            set_full_(w.gain, w._init(shape_of(w.gain)[0], "cpu"))
             w.gain.requires_grad_(True)
             w.stage_open = True
 
@@ -253,7 +257,7 @@ class Gain(Method):
             else:  # W·diag(s): every output-row shard holds all input columns (Conv1D: diag(s)·W, rows = inputs)
                 mul_replicated_(w.base.weight, total[:, None] if w.is_conv1d else total[None, :])
                 w.carried = None
-            set_full_(w.gain, w._init(w.gain.shape[0], "cpu"))
+            set_full_(w.gain, w._init(shape_of(w.gain)[0], "cpu"))
             w.gain.requires_grad_(False)
             w.stage_open = False
 

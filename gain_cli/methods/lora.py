@@ -15,7 +15,7 @@ from torch import nn
 
 from gain_cli.errors import GainError
 from gain_cli.methods.base import Method, check_state_keys, per_layer_formula, register
-from gain_cli.training.sharding import add_full_, full, is_dtensor, mul_replicated_, reshard, set_full_
+from gain_cli.training.sharding import add_full_, full, is_partitioned, mul_replicated_, reshard, set_full_, shape_of
 
 ADAPTER = "default"  # PEFT's adapter name (one adapter per stage)
 
@@ -60,7 +60,7 @@ def peft_state(model: nn.Module) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
 
     params = _adapter_parameters(model)
-    if any(is_dtensor(p) for p in params.values()):  # sharded: every process gathers, in the same order
+    if any(is_partitioned(p) for p in params.values()):  # sharded: every process gathers, in the same order
         return {key: full(params[name]).detach().cpu().clone() for name, key in _peft_keys(model).items()}
     return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(model).items()}
 
@@ -74,10 +74,10 @@ def load_peft_state(method: Method, model: nn.Module, state: Mapping[str, torch.
     expected = {keys[n]: p for n, p in params.items() if n in keys}
     check_state_keys(method, set(expected), state)
     for k, v in expected.items():
-        if tuple(v.shape) != tuple(state[k].shape):
+        if shape_of(v) != tuple(state[k].shape):
             raise GainError(f"saved {method.name} state: {k} has shape {tuple(state[k].shape)}, "
-                            f"the model needs {tuple(v.shape)}")
-    if any(is_dtensor(p) for p in params.values()):  # sharded: each process writes its own shards
+                            f"the model needs {shape_of(v)}")
+    if any(is_partitioned(p) for p in params.values()):  # sharded: each process writes its own shards
         for k, p in expected.items():
             set_full_(p, state[k])
         return
@@ -164,7 +164,7 @@ class PeftMethod(Method):
                 set_full_(mod.lora_A[ADAPTER].weight, a)
                 set_full_(mod.lora_B[ADAPTER].weight, b)
             else:
-                set_full_(mod.ia3_l[ADAPTER], torch.ones(mod.ia3_l[ADAPTER].shape))
+                set_full_(mod.ia3_l[ADAPTER], torch.ones(shape_of(mod.ia3_l[ADAPTER])))
         for p in _adapter_parameters(model).values():
             p.requires_grad_(True)
 
@@ -184,7 +184,7 @@ class PeftMethod(Method):
                 vec = full(mod.ia3_l[ADAPTER]).detach().float()
                 mul_replicated_(base.weight, transpose(vec, fifo))
                 if not mod.is_feedforward and getattr(base, "bias", None) is not None:
-                    mul_replicated_(base.bias, vec.reshape(base.bias.shape))
+                    mul_replicated_(base.bias, vec.reshape(shape_of(base.bias)))
                 set_full_(mod.ia3_l[ADAPTER], torch.ones(vec.shape))
         for p in _adapter_parameters(model).values():
             p.requires_grad_(False)

@@ -28,6 +28,8 @@ def make_accelerator(cfg):
     if sharding != "none" and mp == "fp16":
         raise GainError("train.mixed_precision=fp16 is not supported with train.sharding (no sharded loss scaler); "
                         "use bf16")
+    if sharding == "zero3":  # gain drives DeepSpeed itself (training/zero3.py): no DeepSpeed plugin in Accelerate
+        os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
     AcceleratorState._reset_state(reset_partial_state=False)
     handlers = []
     timeout = process_group_timeout()

@@ -75,8 +75,11 @@ def make_optimizer(groups) -> torch.optim.AdamW:
 
 
 def train_stage(model, method, blocks: torch.Tensor, train_cfg, *, seed: int, stage: int, accelerator,
-                progress=None, log=None, checkpoints=None) -> StageStats:
-    """Train one stage; with ``checkpoints`` (StageCheckpoints) save every N steps and resume mid-stage."""
+                progress=None, log=None, checkpoints=None, engine=None) -> StageStats:
+    """Train one stage; with ``checkpoints`` (StageCheckpoints) save every N steps and resume mid-stage.
+
+    ``engine``: the run's DeepSpeed ZeRO-3 engine (train.sharding=zero3), whose optimiser is the run's and is
+    started afresh here; it does the backward, the gradient averaging, accumulation and clipping and the step."""
     from gain_cli import faults
 
     steps = int(train_cfg["steps"])
@@ -87,26 +90,32 @@ def train_stage(model, method, blocks: torch.Tensor, train_cfg, *, seed: int, st
     order = stage_order(blocks.shape[0], steps * per_step, seed, stage)
 
     sharded = is_sharded(model)
-    # sharded: the model is already split into DTensors, so the optimiser (built here, after sharding) holds the
-    # local shards of the trainable parameters only
-    groups = method.optimizer_groups(model)
-    if not any(p.numel() for g in groups for p in g["params"]):
-        raise GainError(f"method '{method.name}' has no trainable parameters on this model")
-    optimizer = make_optimizer(groups)
+    if engine is not None:
+        from gain_cli.training import zero3
+
+        zero3.begin_stage(engine)  # fresh AdamW moments, fp32 masters from the stage's opened values
+        optimizer = zero3.base_optimizer(engine)
+    else:
+        # sharded: the model is already split into DTensors, so the optimiser (built here, after sharding) holds
+        # the local shards of the trainable parameters only
+        groups = method.optimizer_groups(model)
+        if not any(p.numel() for g in groups for p in g["params"]):
+            raise GainError(f"method '{method.name}' has no trainable parameters on this model")
+        optimizer = make_optimizer(groups)
     scheduler = make_scheduler(optimizer, train_cfg, steps)
     start, losses, tokens = 0, [], 0
     saved = checkpoints.load() if checkpoints is not None else None
     if saved is not None:  # continue mid-stage exactly where the checkpoint left off
         method.load_state_dict(model, saved["method_state"])
         if sharded:
-            checkpoints.load_optimizer(model, optimizer)
+            checkpoints.load_optimizer(model, engine if engine is not None else optimizer)
         else:
             optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         checkpoints.restore_rng(saved)
         start, losses, tokens = int(saved["step"]), list(saved["losses"]), int(saved["tokens"])
     model.train()
-    params = [p for g in groups for p in g["params"]]
+    params = [] if engine is not None else [p for g in groups for p in g["params"]]  # zero3: the engine clips
     max_norm = train_cfg.get("max_grad_norm")
     log_every = max(1, int(train_cfg.get("log_every", 10)))
 
@@ -116,6 +125,8 @@ def train_stage(model, method, blocks: torch.Tensor, train_cfg, *, seed: int, st
     with prepare(accelerator, model, optimizer) as (pmodel, optimizer), no_kv_cache(model):
         if saved is not None and saved.get("scaler") and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(saved["scaler"])
+        if engine is not None:
+            pmodel = engine
         forward = maybe_compile(pmodel, bool(train_cfg.get("compile", False)), accelerator.device, "train.compile")
         t0 = time.perf_counter()
         tokens0 = tokens
@@ -124,6 +135,11 @@ def train_stage(model, method, blocks: torch.Tensor, train_cfg, *, seed: int, st
             for a in range(ga):
                 base = (step * ga + a) * bs * world + accelerator.process_index * bs
                 ids = blocks[order[base: base + bs]].to(accelerator.device)
+                if engine is not None:  # DeepSpeed: the engine accumulates, averages, clips and steps
+                    loss = _zero3_micro_step(engine, forward, method, model, ids, scheduler, stage, step)
+                    step_loss += loss.detach().double().cpu() / ga
+                    tokens += ids.numel() * world
+                    continue
                 with accelerator.accumulate(pmodel), (accelerator.autocast() if sharded else nullcontext()):
                     # only the loss is kept: the output's full-vocabulary logits are freed right after the forward
                     # instead of living on through the backward and into the next step's forward
@@ -162,11 +178,32 @@ def train_stage(model, method, blocks: torch.Tensor, train_cfg, *, seed: int, st
                 log({"stage": stage, "step": step + 1, "loss": round(losses[-1], 5),
                      "lr": scheduler.get_last_lr()[0], "tokens": tokens, "tokens_per_s": round(rate, 1)})
             if checkpoints is not None and checkpoints.due(step + 1, steps):
-                checkpoints.save(step + 1, method, model, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                                 scheduler, losses, tokens, accelerator.scaler)
+                opt_state = engine if engine is not None else (
+                    optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer)
+                checkpoints.save(step + 1, method, model, opt_state, scheduler, losses, tokens, accelerator.scaler)
             faults.point(f"stage{stage}.step{step + 1}")
     model.eval()
     elapsed = time.perf_counter() - t0
     rate = (tokens - tokens0) / max(elapsed, 1e-9)
     return StageStats(steps=steps, tokens=tokens, seconds=round(elapsed, 3), tokens_per_s=round(rate, 1),
                       first_loss=losses[0], final_loss=losses[-1], losses=[round(x, 6) for x in losses])
+
+
+def _zero3_micro_step(engine, forward, method, model, ids, scheduler, stage: int, step: int) -> torch.Tensor:
+    """One micro-batch under DeepSpeed: forward, backward (scaled by 1/grad_accum), and at the end of an
+    accumulation the optimiser step (gradients averaged over the processes and clipped) and the schedule's."""
+    from gain_cli import faults
+
+    loss = forward(input_ids=ids, labels=ids).loss
+    reg = method.regularization(model)
+    if reg is not None:
+        loss = loss + reg
+    loss = faults.poison_loss(f"stage{stage}.step{step + 1}", loss)
+    if not torch.isfinite(loss.detach()):
+        raise NonFiniteLoss(stage, step + 1, float(loss.detach()))
+    engine.backward(loss)
+    boundary = engine.is_gradient_accumulation_boundary()
+    engine.step()
+    if boundary:
+        scheduler.step()
+    return loss

@@ -6,10 +6,12 @@ One switch, ``train.sharding``::
     fsdp   parameters, gradients and optimiser states split over the processes: ``fully_shard`` on every
            decoder layer (the architecture table's ``layers``), then on the root, on a device mesh of the
            accelerator's device type ("cuda" with nccl on GPUs, "cpu" with gloo on CPU)
+    zero3  the same split by DeepSpeed ZeRO-3 (an optional extra: gain_cli.training.zero3)
     auto   fsdp for methods that train every weight (full fine-tuning) under several processes, else none
 
 ``launcher.accelerate_config=fsdp`` (a config file whose ``distributed_type`` is FSDP) means ``fsdp`` too, and so
-does a hand launch with ``ACCELERATE_USE_FSDP=true``. Accelerate is never the one that shards: on CPU it silently
+does a hand launch with ``ACCELERATE_USE_FSDP=true``; ``launcher.accelerate_config=deepspeed_zero3`` (or
+``ACCELERATE_USE_DEEPSPEED=true`` with ZeRO stage 3) means ``zero3``. Accelerate is never the one that shards: on CPU it silently
 drops an FSDP plugin (and DDP-wraps an already sharded model, which then fails), so gain keeps Accelerate for what
 it does on every device (ranks, process group, autocast) and shards the model natively, as torchtune does.
 
@@ -19,9 +21,10 @@ model's function exactly), and every stage then reopens it in place (``Method.op
 the same random draws as a fresh attach) and folds it into the local weight shards when the stage ends
 (``Method.close_sharded_stage``). Modules never change under FSDP, so the model is sharded once per run.
 
-The helpers below let one code path handle plain tensors and FSDP's DTensors alike: ``full`` gathers (a
-collective: every process must call it, in the same order), ``set_full_`` / ``add_full_`` / ``mul_replicated_``
-write into the local shards of a parameter from a full tensor without gathering the parameter.
+The helpers below let one code path handle plain tensors, FSDP's DTensors and ZeRO-3's partitioned parameters
+alike (``is_partitioned``): ``full`` gathers (a collective: every process must call it, in the same order),
+``set_full_`` / ``add_full_`` / ``mul_replicated_`` write into the local shards of a parameter from a full tensor
+without gathering the parameter.
 """
 
 from __future__ import annotations
@@ -34,10 +37,10 @@ from torch import nn
 
 from gain_cli.errors import GainError, unknown_choice
 
-SHARDINGS = ("none", "fsdp", "auto")
+from gain_cli.training import zero3
+
+SHARDINGS = ("none", "fsdp", "zero3", "auto")
 TIMEOUT_ENV = "GAIN_DIST_TIMEOUT_S"  # process-group timeout in seconds (tests: a hang fails fast)
-ZERO3_UNSUPPORTED = ("DeepSpeed ZeRO-3 is not supported by gain's stage loop (it was not built: FSDP2 is the "
-                     "supported sharded path); use train.sharding=fsdp or launcher.accelerate_config=fsdp")
 
 
 def process_group_timeout() -> timedelta | None:
@@ -51,18 +54,24 @@ def process_group_timeout() -> timedelta | None:
 
 
 def requested_sharding(cfg) -> str:
-    """``none``, ``fsdp`` or ``auto`` from ``train.sharding``, the launcher's Accelerate config or the environment."""
+    """``none``, ``fsdp``, ``zero3`` or ``auto`` from ``train.sharding``, the launcher's Accelerate config or the
+    environment."""
     from gain_cli.memory import sharding_of
 
     value = str((cfg.get("train") or {}).get("sharding", "none") or "none")
-    if value == "zero3":
-        raise GainError(ZERO3_UNSUPPORTED)
     if value not in SHARDINGS:
         raise unknown_choice("train.sharding", value, SHARDINGS)
     launcher = (cfg.get("launcher") or {}) if hasattr(cfg, "get") else {}
     from_file = sharding_of(launcher.get("accelerate_config")) if launcher.get("accelerate_config") else "none"
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true") or from_file == "zero3":
-        raise GainError(ZERO3_UNSUPPORTED)
+    # a hand launch with a DeepSpeed config (accelerate launch sets these; make_accelerator then drops the first,
+    # so that Accelerate builds no DeepSpeed plugin of its own, and the stage stays)
+    deepspeed_env = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
+    stage_env = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    if deepspeed_env and stage_env not in (None, "", "3"):
+        raise GainError(f"DeepSpeed ZeRO stage {stage_env} is not supported: gain shards with ZeRO stage 3 "
+                        "(train.sharding=zero3) or FSDP2 (train.sharding=fsdp)")
+    if deepspeed_env or stage_env == "3" or from_file == "zero3":
+        return "zero3"
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true") or from_file == "fsdp":
         return "fsdp"
     return value
@@ -73,7 +82,7 @@ def trains_every_weight(method) -> bool:
 
 
 def sharding_mode(cfg, num_processes: int, method=None) -> str:
-    """The sharding a run uses: ``fsdp`` or ``none`` (one process has nothing to shard)."""
+    """The sharding a run uses: ``fsdp``, ``zero3`` or ``none`` (one process has nothing to shard)."""
     mode = requested_sharding(cfg)
     if mode == "auto":
         mode = "fsdp" if method is not None and trains_every_weight(method) else "none"
@@ -105,7 +114,8 @@ def shard_model(model: nn.Module, spec, device_type: str, world: int) -> nn.Modu
 def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
-    return isinstance(model, FSDPModule) or any(isinstance(m, FSDPModule) for m in model.modules())
+    return (isinstance(model, FSDPModule) or any(isinstance(m, FSDPModule) for m in model.modules())
+            or any(zero3.is_zero_param(p) for p in model.parameters()))
 
 
 def reshard(model: nn.Module) -> None:
@@ -115,6 +125,7 @@ def reshard(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.reshard()
+    zero3.release_all(model)
 
 
 # --- tensors that may be DTensors --------------------------------------------------------------------------
@@ -125,8 +136,20 @@ def is_dtensor(t) -> bool:
     return isinstance(t, DTensor)
 
 
+def is_partitioned(t) -> bool:
+    """A parameter split over the processes: an FSDP DTensor or a ZeRO-3 parameter."""
+    return is_dtensor(t) or zero3.is_zero_param(t)
+
+
+def shape_of(t: torch.Tensor) -> tuple[int, ...]:
+    """The parameter's whole shape (a ZeRO-3 parameter's ``shape`` is (0,) outside a forward)."""
+    return tuple(t.ds_shape) if zero3.is_zero_param(t) else tuple(t.shape)
+
+
 def full(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor (gathered from the shards of a DTensor: a collective)."""
+    """The whole tensor (gathered from the shards of a DTensor or a ZeRO-3 parameter: a collective)."""
+    if zero3.is_zero_param(t):
+        return zero3.full(t)
     return t.full_tensor() if is_dtensor(t) else t
 
 
@@ -138,7 +161,9 @@ def local(t: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def set_full_(param: torch.Tensor, value: torch.Tensor) -> None:
     """``param ← value`` where ``value`` is the whole tensor (the same on every process)."""
-    if is_dtensor(param):
+    if zero3.is_zero_param(param):
+        zero3.set_full(param, value)
+    elif is_dtensor(param):
         from torch.distributed.tensor import distribute_tensor
 
         value = value.detach().to(param.device_mesh.device_type, param.dtype)
@@ -150,7 +175,9 @@ def set_full_(param: torch.Tensor, value: torch.Tensor) -> None:
 @torch.no_grad()
 def add_full_(param: torch.Tensor, delta: torch.Tensor) -> None:
     """``param += delta`` (whole ``delta``, laid out like the parameter), on the local shards only."""
-    if is_dtensor(param):
+    if zero3.is_zero_param(param):
+        zero3.add_full(param, delta)
+    elif is_dtensor(param):
         from torch.distributed.tensor import distribute_tensor
 
         delta = delta.detach().to(param.device_mesh.device_type)
@@ -164,7 +191,9 @@ def add_full_(param: torch.Tensor, delta: torch.Tensor) -> None:
 @torch.no_grad()
 def mul_replicated_(param: torch.Tensor, factor: torch.Tensor) -> None:
     """``param *= factor`` with a broadcastable whole ``factor`` (e.g. ``s[None, :]``), computed in fp32."""
-    if is_dtensor(param):
+    if zero3.is_zero_param(param):
+        zero3.mul_full(param, factor)
+    elif is_dtensor(param):
         from torch.distributed.tensor import Replicate, distribute_tensor
 
         factor = factor.detach().float().to(param.device_mesh.device_type)
@@ -203,6 +232,9 @@ def local_parameter_bytes(model: nn.Module) -> int:
         if id(p) in seen:
             continue
         seen.add(id(p))
+        if zero3.is_zero_param(p):
+            n += zero3.partition_bytes(p)
+            continue
         t = local(p)
         n += t.numel() * t.element_size()
     return n
@@ -211,14 +243,25 @@ def local_parameter_bytes(model: nn.Module) -> int:
 # --- optimiser state (mid-stage checkpoints) ---------------------------------------------------------------
 
 def save_sharded_optimizer(model: nn.Module, optimizer, folder) -> None:
-    """Each process writes its shards of the optimiser state (torch.distributed.checkpoint) into ``folder``."""
+    """Each process writes its shards of the optimiser state (torch.distributed.checkpoint; ZeRO-3: DeepSpeed's
+    checkpoint, ``optimizer`` being the run's engine) into ``folder``."""
+    if is_zero3_engine(optimizer):
+        zero3.save_optimizer(optimizer, folder)
+        return
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(folder))
 
 
+def is_zero3_engine(obj) -> bool:
+    return hasattr(obj, "save_checkpoint") and hasattr(obj, "load_checkpoint")
+
+
 def load_sharded_optimizer(model: nn.Module, optimizer, folder) -> None:
+    if is_zero3_engine(optimizer):
+        zero3.load_optimizer(optimizer, folder)
+        return
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
