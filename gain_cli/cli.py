@@ -199,6 +199,8 @@ def bench(
     repeats: int = typer.Option(4, "--repeats", help="Runs per measurement, order alternating (use an even number); "
                                 "ratios combine (A,B),(B,A) pairs, medians are reported."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into --out even when it is a non-empty "
+                                   "directory gain did not write."),
 ) -> None:
     """Training and evaluation speed against the standard stack (HF Trainer + PEFT, lm-eval), in one process.
 
@@ -208,8 +210,11 @@ def bench(
     # machine spinning pool threads stall every parallel region (README.md, "Thread settings").
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from gain_cli.bench import run_bench
+    from gain_cli.outputs import claim_output_dir, mark_output_dir
 
+    out = claim_output_dir(out, "gain bench", overwrite)
     run_bench(size, out, repeats, console=console, threads=threads)
+    mark_output_dir(out, "gain bench", size=size)
 
 
 # --- eval -----------------------------------------------------------------------------------
@@ -313,11 +318,15 @@ def merge(
     run_dir: Path = typer.Argument(..., help="A run directory written by `gain run`."),
     out: Path = typer.Option(..., "--out", help="Where to write the merged Hugging Face model."),
     stage: Optional[int] = typer.Option(None, "--stage", help="Merge up to this stage (default: the last finished)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out even when it is a directory gain did "
+                                   "not write (its files are deleted)."),
 ) -> None:
-    """Absorb the adaptation into the weights and save a plain Hugging Face model (safetensors + tokenizer)."""
+    """Absorb the adaptation into the weights and save a plain Hugging Face model (safetensors + tokenizer).
+
+    --out must be new, empty or an earlier `gain merge` output; anything else is refused unless --overwrite."""
     from gain_cli.merging import merge_run
 
-    path = merge_run(run_dir, out, stage)
+    path = merge_run(run_dir, out, stage, overwrite=overwrite, say=lambda m: console.print(m, highlight=False))
     console.print(f"merged model written to {path}", highlight=False)
 
 
@@ -341,14 +350,20 @@ def report(
     stages: str = typer.Option("1,2", "--stages", help="combine: two stages, e.g. 1,2."),
     points: int = typer.Option(11, "--points", help="interpolate: number of α values in [0, 1]."),
     max_blocks: Optional[int] = typer.Option(None, "--max-blocks", help="Validation blocks per domain (default: the run's)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into --out even when it is a non-empty "
+                                   "directory gain did not write."),
 ) -> None:
     """Tables of a run's matrices; with --out or several runs, the comparison report (tables, heatmaps,
     BoolQ curves, report.md). Sub-reports: pareto, tokens, interpolate, combine (the paper's figures)."""
+    from gain_cli.outputs import claim_output_dir, mark_output_dir
+
     kind = args[0] if args[0] in REPORT_KINDS else None
     run_dirs = [Path(a) for a in (args[1:] if kind else args)]
     if not run_dirs:
         raise GainError(f"give at least one run directory after '{kind}'")
     for rd in run_dirs:
+        if rd.is_file():
+            raise GainError(f"'{rd}' is a file, not a run directory")
         if not rd.is_dir():
             raise GainError(f"run directory '{rd}' does not exist (report kinds: {', '.join(REPORT_KINDS)})")
     if kind is None:
@@ -358,6 +373,8 @@ def report(
 
         if fmt not in ("md", "latex", "csv"):
             raise GainError(f"unknown --format '{fmt}' (valid: md, latex, csv)")
+        writes = out is not None or len(run_dirs) > 1
+        target = claim_output_dir(out or Path("report"), "gain report", overwrite) if writes else None
         loaded = [load_run(rd) for rd in run_dirs]
         for r in loaded:
             print_run(r, console)
@@ -370,11 +387,12 @@ def report(
         groups = groups_of_runs(loaded)
         if groups is not None:
             print_intervals(groups, console)
-        if out is not None or len(run_dirs) > 1:
-            path = write_report(run_dirs, out or Path("report"), fmt)
+        if target is not None:
+            path = write_report(run_dirs, target, fmt)
+            mark_output_dir(target, "gain report", runs=[str(rd.absolute()) for rd in run_dirs])
             console.print(f"report written to {path}", highlight=False)
         return
-    out = out or Path("report")
+    out = claim_output_dir(out or Path("report"), f"gain report {kind}", overwrite)
     if kind == "pareto":
         from gain_cli.reporting.pareto import write_pareto
 
@@ -397,6 +415,7 @@ def report(
         if len(run_dirs) != 1:
             raise GainError("combine takes exactly one run directory")
         path = combination(run_dirs[0], out, stages=(a, b), max_blocks=max_blocks)
+    mark_output_dir(out, f"gain report {kind}", runs=[str(rd.absolute()) for rd in run_dirs])
     console.print(f"{kind} written to {path}", highlight=False)
 
 

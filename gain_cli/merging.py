@@ -10,21 +10,36 @@ from omegaconf import OmegaConf
 from gain_cli.errors import GainError
 
 
-def merge_run(run_dir: str | Path, out: str | Path, stage: int | None = None) -> Path:
+def merge_run(run_dir: str | Path, out: str | Path, stage: int | None = None, overwrite: bool = False,
+              say=None) -> Path:
+    """Merge ``run_dir`` up to ``stage`` (default: its last finished stage) into ``out``.
+
+    ``out`` follows gain_cli.outputs: a file, or a non-empty directory gain did not write, is refused unless
+    ``overwrite``; the model is written beside it first and moved into place only when complete, and the
+    temporary directory is removed on every failure. ``say`` receives what was merged (and a warning when the run
+    is unfinished)."""
+    from gain_cli.io import read_json
     from gain_cli.methods import build_method
     from gain_cli.models.loading import load_model, model_spec
+    from gain_cli.outputs import claim_output_dir, mark_output_dir, replace_dir
     from gain_cli.runner import apply_saved_stages, finished_stages
 
-    run_dir, out = Path(run_dir), Path(out)
+    run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise GainError(f"{run_dir} is a file, not a run directory")
     if not (run_dir / "config.yaml").is_file():
         raise GainError(f"{run_dir} is not a gain run directory (no config.yaml)")
     cfg = OmegaConf.load(run_dir / "config.yaml")
     done = finished_stages(run_dir)
     if not done:
         raise GainError(f"{run_dir} has no finished stage to merge")
+    total = len(cfg.domains.sequence)
     k = done[-1] if stage is None else int(stage)
+    if not 1 <= k <= total:
+        raise GainError(f"--stage {k}: stages are numbered 1..{total} (finished: {', '.join(map(str, done))})")
     if k not in done:
         raise GainError(f"stage {k} of {run_dir} is not finished (finished: {', '.join(map(str, done))})")
+    out = claim_output_dir(out, "gain merge", overwrite)
     model, tokenizer = load_model(cfg.model, cfg.cache_dir)
     method = build_method(OmegaConf.to_container(cfg.method), model_spec(cfg.model, model.config.model_type))
     if not method.mergeable:
@@ -34,9 +49,22 @@ def merge_run(run_dir: str | Path, out: str | Path, stage: int | None = None) ->
     model = method.merge(model)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        domain = str(cfg.domains.sequence[k - 1])
+        mark_output_dir(tmp, "gain merge", run=str(run_dir.absolute()), stage=k, domain=domain)
+        replace_dir(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise GainError(f"cannot write the merged model to {out}: {exc.strerror or exc}") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if say is not None:
+        info = read_json(run_dir / "run_info.json") if (run_dir / "run_info.json").is_file() else {}
+        say(f"merged stage {k} of {total} ({domain}) of {method.name}")
+        if info.get("status") != "complete" or len(done) < total:
+            say(f"warning: the run is unfinished ({len(done)} of {total} stages finished, status "
+                f"{info.get('status', 'unknown')}); the merged model is the one after stage {k}")
     return out

@@ -471,6 +471,7 @@ def run_experiment(cfg: DictConfig, console=None, on_event: Callable[[str, dict]
         started = None
         if (run_dir / "run_info.json").is_file():
             started = read_json(run_dir / "run_info.json").get("started")
+        started = started or datetime.now().isoformat(timespec="seconds")  # kept by every later write
         if exp.is_main:
             atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
             atomic_write_json(run_dir / "run_info.json", run_info(cfg, acc, "running", started, exp))

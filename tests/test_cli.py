@@ -106,3 +106,19 @@ def test_a_single_run_still_fails_at_once(monkeypatch):
     res = runner.invoke(app, ["run", "recipe=tiny_8domains"])
     assert res.exit_code == 2 and "loss became nan" in res.output and "runs failed" not in res.output
     assert len(seen) == 1
+
+
+def test_report_and_bench_refuse_a_directory_gain_did_not_write(tmp_path):
+    """The --out rule of gain merge holds for every command that writes a directory (gain_cli.outputs)."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("k")
+    run = tmp_path / "run"
+    (run / "stages").mkdir(parents=True)
+    for args in (["report", str(run), "--out", str(mine)], ["report", "pareto", str(run), "--out", str(mine)],
+                 ["bench", "--size", "tiny", "--out", str(mine)]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2 and "did not write" in res.output and "--overwrite" in res.output, (args, res.output)
+    assert [p.name for p in mine.iterdir()] == ["keep.txt"]
+    res = runner.invoke(app, ["report", str(mine / "keep.txt")])
+    assert res.exit_code == 2 and "is a file, not a run directory" in res.output

@@ -31,6 +31,8 @@ def test_run_dir_contents(gain_run):
         assert (gain_run / "stages" / f"stage_{k}" / "method_state.safetensors").is_file()
         assert (gain_run / "stages" / f"stage_{k}" / "metrics.json").is_file()
     info = json.loads((gain_run / "run_info.json").read_text())
+    assert info["started"] < info["updated"]  # the start of the run (8 stages take seconds), not its end
+    info = json.loads((gain_run / "run_info.json").read_text())
     assert info["status"] == "complete" and info["num_processes"] == 1
     assert info["versions"]["torch"] and len(info["config_hash"]) == 16
     assert not list(gain_run.rglob("*.tmp"))
@@ -159,3 +161,42 @@ def test_merge_lora_run(tmp_path):
                               "eval.max_blocks=8"])
     assert res.exit_code == 0, res.output
     assert f"{_matrix(rd)['values'][1][0]:.3f}" in res.output
+
+
+def test_merge_never_destroys_a_users_files(gain_run, tmp_path, monkeypatch):
+    """--out refuses a file and a non-empty directory gain did not write (both left as they were, no temporary
+    directory behind), replaces its own earlier output, and with --overwrite does what it is told."""
+    import stat
+
+    from omegaconf import OmegaConf
+
+    from gain_cli.io import _FILE_MODE
+
+    total = len(OmegaConf.load(gain_run / "config.yaml").domains.sequence)
+    important = tmp_path / "important"
+    important.mkdir()
+    (important / "thesis.txt").write_text("x")
+    afile = tmp_path / "notes.txt"
+    afile.write_text("y")
+    for out, needle in ((important, "non-empty directory that gain did not write"), (afile, "is a file")):
+        res = runner.invoke(app, ["merge", str(gain_run), "--out", str(out)])
+        assert res.exit_code == 2 and needle in res.output and "Traceback" not in res.output, res.output
+        assert len(res.output.strip().splitlines()) == 1
+    assert (important / "thesis.txt").read_text() == "x" and afile.read_text() == "y"
+    monkeypatch.chdir(important)  # `--out .` in a directory of one's own
+    res = runner.invoke(app, ["merge", str(gain_run), "--out", "."])
+    assert res.exit_code == 2 and "did not write" in res.output
+    monkeypatch.chdir(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["important", "notes.txt"]  # no .tmp left anywhere
+    res = runner.invoke(app, ["merge", str(gain_run), "--stage", "-1", "--out", str(tmp_path / "m")])
+    assert res.exit_code == 2 and f"stages are numbered 1..{total}" in res.output
+
+    out = tmp_path / "merged"
+    for _ in range(2):  # a second merge replaces gain's own output
+        res = runner.invoke(app, ["merge", str(gain_run), "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        assert f"merged stage {total} of {total}" in res.output and "unfinished" not in res.output
+    assert json.loads((out / ".gain-output.json").read_text())["stage"] == total
+    assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == _FILE_MODE
+    res = runner.invoke(app, ["merge", str(gain_run), "--out", str(important), "--overwrite"])
+    assert res.exit_code == 0 and not (important / "thesis.txt").exists() and (important / "model.safetensors").is_file()

@@ -1,0 +1,51 @@
+"""Where a command writes (``--out``): never over a user's own files.
+
+A command that writes a directory of results (``gain merge --out``, ``gain report --out``, ``gain bench --out``)
+first claims it with ``claim_output_dir``: a new or empty directory is fine, and so is one that gain wrote before
+(it holds the marker file ``.gain-output.json``, written by ``mark_output_dir`` when the command finishes); a
+file, or a non-empty directory that gain did not write, is refused in one line and left as it was, unless the user
+passes ``--overwrite``. ``--out .`` means the current directory, under the same rule.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from gain_cli.errors import GainError
+from gain_cli.io import _FILE_MODE, atomic_write_json
+
+MARKER = ".gain-output.json"
+
+
+def claim_output_dir(out: str | Path, command: str, overwrite: bool = False) -> Path:
+    """The absolute directory ``command`` may write into (see the module docstring); nothing is created yet."""
+    path = Path(out).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        raise GainError(f"--out {out} is a file, not a directory: {command} writes a directory (nothing was changed)")
+    if path.is_dir() and any(path.iterdir()) and not (path / MARKER).is_file() and not overwrite:
+        raise GainError(f"--out {out} is a non-empty directory that gain did not write: {command} refuses to write "
+                        "into it (nothing was changed); choose a new or empty directory, or pass --overwrite")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise GainError(f"--out {out}: cannot create it ({parent} is not a writable directory)")
+    return path
+
+
+def mark_output_dir(path: Path, command: str, **info) -> None:
+    """Record that ``command`` wrote ``path`` (a later run of a gain command may replace it)."""
+    atomic_write_json(path / MARKER, {"command": command, **info})
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Move the finished directory ``tmp`` to ``out`` (which ``claim_output_dir`` allowed), files at the umask's
+    permissions."""
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            os.chmod(f, _FILE_MODE)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
