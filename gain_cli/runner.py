@@ -309,6 +309,13 @@ class Experiment:
         from gain_cli.training.checkpoint import StageCheckpoints
 
         ckpts = StageCheckpoints(self.stage_dir(k), cfg.train.get("checkpoint_every"), self.is_main)
+        resumed_from = ckpts.saved_step()
+        if resumed_from is not None:  # the log continues from the checkpoint: steps logged after it are dropped
+            self.say(f"resumed stage {k} from step {resumed_from}")
+            if self.is_main and log_path.is_file():
+                keep = [line for line in log_path.read_text(encoding="utf-8").splitlines()
+                        if line.strip() and not _logged_after(line, k, resumed_from)]
+                atomic_write_text(log_path, "".join(f"{line}\n" for line in keep))
         stats = train_stage(self.model, self.method, blocks, cfg.train, seed=int(cfg.seed), stage=k,
                             accelerator=self.accelerator, progress=progress_cb, log=log, checkpoints=ckpts,
                             engine=self.engine)
@@ -348,6 +355,15 @@ class Experiment:
         self.method.load_state_dict(self.model, load_stage_state(self.run_dir, k, self.accelerator.device))
         self.method.close_sharded_stage(self.model)
         self.model.eval()
+
+
+def _logged_after(line: str, stage: int, step: int) -> bool:
+    """A train_log.jsonl record of ``stage`` past ``step`` (to be written again by a resumed stage)."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return False
+    return rec.get("stage") == stage and int(rec.get("step", 0) or 0) > step
 
 
 def stage_dir(run_dir: Path, k: int) -> Path:

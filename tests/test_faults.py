@@ -297,3 +297,16 @@ def test_weights_load_safely():
 
     for recipe in ("tiny_8domains",):
         assert compose_config([], recipe).model.trust_remote_code is False
+
+
+def test_a_resumed_stage_logs_each_step_once_and_says_where_it_resumed(tmp_path):
+    """Killed at step 6 (checkpoint at step 4, every step logged): the resumed stage drops the log lines of steps 5-6
+    and logs them again, so every (stage, step) appears once, in order."""
+    rd, args = tmp_path / "run", ["run", *BASE, "method=lora", "train.log_every=1"]
+    _killed_at("stage1.step6", args, rd)
+    logged = [json.loads(line)["step"] for line in (rd / "train_log.jsonl").read_text().splitlines()]
+    assert logged[-1] == 6  # the lines the checkpoint does not cover were written before the kill
+    res = _resumed(args, rd)
+    assert "resumed stage 1 from step 4" in " ".join(res.stdout.split())
+    log = [json.loads(line) for line in (rd / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["stage"], r["step"]) for r in log] == [(k, s) for k in (1, 2) for s in range(1, 13)]

@@ -510,7 +510,7 @@ def harness_results(model: torch.nn.Module, tokenizer: Any, cfg: Mapping[str, An
             task_manager = _default_task_manager()
         else:  # only local task files: skip indexing lm-eval's ~14,700 YAMLs
             task_manager = TaskManager(include_path=str(local_dir) if local_dir else None, include_defaults=False)
-        with eval_mode(model), _preserved_rng(), no_kv_cache(model):
+        with eval_mode(model), _preserved_rng(), no_kv_cache(model), quiet_git_probe():
             lm = lm_cls(pretrained=HarnessModelAdapter(model), tokenizer=tokenizer, batch_size=cfg["batch_size"],
                         max_batch_size=64)
             lm.show_progress = cfg["progress"]
@@ -569,6 +569,30 @@ def per_item_acc(results: Mapping[str, Any], task: str) -> list[float] | None:
     if not samples or any("acc" not in s for s in samples):
         return None
     return [float(s["acc"]) for s in sorted(samples, key=lambda s: int(s["doc_id"]))]
+
+
+@contextlib.contextmanager
+def quiet_git_probe():
+    """lm-eval records the git commit of the working directory with ``git describe``, whose "fatal: not a git
+    repository" would be printed into every evaluation run outside a checkout: the same probe, its stderr
+    silenced, for the duration of an evaluation."""
+    import subprocess
+
+    import lm_eval.evaluator as evaluator
+    import lm_eval.loggers.utils as logger_utils
+
+    def commit() -> str | None:
+        try:
+            return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()
+        except (subprocess.CalledProcessError, FileNotFoundError):
+            return logger_utils.get_commit_from_path(os.getcwd())
+
+    saved = evaluator.get_git_commit_hash, logger_utils.get_git_commit_hash
+    evaluator.get_git_commit_hash = logger_utils.get_git_commit_hash = commit
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash, logger_utils.get_git_commit_hash = saved
 
 
 def run_harness(model: torch.nn.Module, tokenizer: Any, cfg: Mapping[str, Any] | None,

@@ -69,6 +69,10 @@ class StageCheckpoints:
             if old.name != folder.name:
                 shutil.rmtree(old, ignore_errors=True)
 
+    def saved_step(self) -> int | None:
+        """The step of the checkpoint a resumed stage continues from (None: it starts from step 0)."""
+        return int(read_json(self.pointer)["step"]) if self.pointer.is_file() else None
+
     def load(self) -> dict[str, Any] | None:
         if not self.pointer.is_file():
             return None
