@@ -8,9 +8,10 @@ whose defaults override the groups; the command line beats the recipe.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -149,6 +150,16 @@ SCHEMA: dict[str, tuple[str, bool]] = {  # key -> (kind, may be null)
 }
 _POSITIVE = {"train.steps", "train.batch_size", "train.grad_accum", "train.seq_len", "eval.block_size",
              "eval.batch_size"}
+# ranges of the numbers above (checked when set; null where the schema allows it means "off" / "all")
+RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "method.lr": (lambda v: math.isfinite(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "method.weight_decay": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "train.warmup_ratio": (lambda v: 0 <= v <= 1, "a fraction of the stage's steps in [0, 1]"),
+    "train.max_grad_norm": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0, or null (no clipping)"),
+    "train.checkpoint_every": (lambda v: v >= 0, "a number of steps >= 0 (0 or null: no mid-stage checkpoints)"),
+    "train.log_every": (lambda v: v >= 1, "at least 1"),
+    "eval.max_blocks": (lambda v: v >= 1, "at least 1, or null (every validation block)"),
+}
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -165,6 +176,27 @@ def validate_config(cfg: DictConfig) -> None:
             raise GainError(f"{key} must be {kind}, got {value!r}")
         if key in _POSITIVE and value < 1:
             raise GainError(f"{key} must be at least 1, got {value}")
+        if key in RANGES and value is not None and not RANGES[key][0](value):
+            raise GainError(f"{key} must be {RANGES[key][1]}, got {value!r}")
+    _check_choices(cfg)
+
+
+def _check_choices(cfg: DictConfig) -> None:
+    """Names a run would only look up later (the schedule, the domain sequence), checked now."""
+    from gain_cli.training.loop import SCHEDULES
+
+    schedule = OmegaConf.select(cfg, "train.schedule", default=None)
+    if schedule is not None and schedule not in SCHEDULES:
+        raise unknown_choice("train.schedule", schedule, SCHEDULES)
+    sequence = OmegaConf.select(cfg, "domains.sequence", default=None)
+    if sequence is not None:
+        names = [str(d) for d in sequence]
+        if not names:
+            raise GainError("domains.sequence is empty: a run adapts to at least one domain")
+        repeated = sorted({d for d in names if names.count(d) > 1})
+        if repeated:
+            raise GainError(f"domains.sequence names {', '.join(repeated)} more than once: each domain is one stage "
+                            "(its perplexity row would be ambiguous)")
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -122,3 +122,27 @@ def test_report_and_bench_refuse_a_directory_gain_did_not_write(tmp_path):
     assert [p.name for p in mine.iterdir()] == ["keep.txt"]
     res = runner.invoke(app, ["report", str(mine / "keep.txt")])
     assert res.exit_code == 2 and "is a file, not a run directory" in res.output
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("method.lr=-1e-3", "method.lr must be a number in (0, 1], got -0.001"),
+    ("method.lr=0", "method.lr must be a number in (0, 1], got 0"),
+    ("method.lr=1e12", "method.lr must be a number in (0, 1]"),
+    ("method.lr=nan", "method.lr must be a number in (0, 1], got nan"),
+    ("train.warmup_ratio=5", "train.warmup_ratio must be a fraction of the stage's steps in [0, 1], got 5"),
+    ("train.checkpoint_every=-1", "train.checkpoint_every must be a number of steps >= 0"),
+    ("eval.max_blocks=0", "eval.max_blocks must be at least 1, or null"),
+    ("train.max_grad_norm=0", "train.max_grad_norm must be a finite number > 0"),
+    ("train.schedule=foo", "unknown train.schedule 'foo' (valid: constant, cosine, linear)"),
+    ("domains.sequence=[]", "domains.sequence is empty"),
+    ("domains.sequence=[dna,code,dna]", "domains.sequence names dna more than once"),
+])
+def test_nonsense_values_are_refused_before_any_work(override, needle, tmp_path):
+    """Each value a run would accept and then train on as nonsense: one line naming the key, the value and the
+    valid range, exit 2, and no run directory left behind."""
+    rd = tmp_path / "run"
+    res = runner.invoke(app, ["run", "recipe=tiny_8domains", override, f"run_dir={rd}"])
+    assert res.exit_code == 2, res.output
+    assert needle in " ".join(res.output.split()) and "Traceback" not in res.output
+    assert len([ln for ln in res.output.splitlines() if ln.strip()]) == 1
+    assert not rd.exists()
