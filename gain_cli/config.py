@@ -188,6 +188,10 @@ def _check_choices(cfg: DictConfig) -> None:
     schedule = OmegaConf.select(cfg, "train.schedule", default=None)
     if schedule is not None and schedule not in SCHEDULES:
         raise unknown_choice("train.schedule", schedule, SCHEDULES)
+    name = OmegaConf.select(cfg, "run_name", default=None)
+    if name is not None and (str(name) in (".", "..") or "/" in str(name) or os.sep in str(name)):
+        raise GainError(f"run_name '{name}' must be a plain name (no '/' and not '.' or '..'): it names a folder "
+                        "under output_root/<recipe>/<method>; use run_dir=PATH for a run anywhere else")
     sequence = OmegaConf.select(cfg, "domains.sequence", default=None)
     if sequence is not None:
         names = [str(d) for d in sequence]

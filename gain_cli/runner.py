@@ -53,7 +53,7 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
         return Path(os.path.expanduser(str(cfg.run_dir))).resolve()
     parent = Path(str(cfg.output_root)) / str(cfg.recipe or "custom") / str(cfg.method.name)
     if cfg.get("run_name"):
-        return (parent / str(cfg.run_name)).resolve()
+        return (parent / str(cfg.run_name)).resolve()  # a plain name (config._check_choices)
     if cfg.get("resume"):
         runs = sorted((p for p in parent.glob("*") if (p / "run_info.json").is_file()), key=lambda p: p.stat().st_mtime)
         if not runs:
