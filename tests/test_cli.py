@@ -148,3 +148,12 @@ def test_nonsense_values_are_refused_before_any_work(override, needle, tmp_path)
     assert needle in " ".join(res.output.split()) and "Traceback" not in res.output
     assert len([ln for ln in res.output.splitlines() if ln.strip()]) == 1
     assert not rd.exists() and not (tmp_path / "runs").exists() and not (tmp_path.parent.parent / "x").exists()
+
+
+def test_a_run_dir_that_cannot_be_a_directory_is_one_line(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    for rd, needle in ((afile, "is a file, not a directory"), (afile / "sub", "which is a file")):
+        res = runner.invoke(app, ["run", "recipe=tiny_8domains", f"run_dir={rd}"])
+        assert res.exit_code == 2 and needle in " ".join(res.output.split()) and "Traceback" not in res.output, res.output
+    assert afile.read_text() == "mine"
