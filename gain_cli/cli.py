@@ -392,6 +392,13 @@ def report(
             mark_output_dir(target, "gain report", runs=[str(rd.absolute()) for rd in run_dirs])
             console.print(f"report written to {path}", highlight=False)
         return
+    if kind == "combine":  # its arguments checked before anything is claimed or computed
+        try:
+            a, b = (int(x) for x in stages.split(","))
+        except ValueError:
+            raise GainError(f"--stages takes two stage numbers like 1,2, not '{stages}'") from None
+        if len(run_dirs) != 1:
+            raise GainError("combine takes exactly one run directory")
     out = claim_output_dir(out or Path("report"), f"gain report {kind}", overwrite)
     if kind == "pareto":
         from gain_cli.reporting.pareto import write_pareto
@@ -408,12 +415,6 @@ def report(
     else:
         from gain_cli.analysis.combination import combination
 
-        try:
-            a, b = (int(x) for x in stages.split(","))
-        except ValueError:
-            raise GainError(f"--stages takes two stage numbers like 1,2, not '{stages}'") from None
-        if len(run_dirs) != 1:
-            raise GainError("combine takes exactly one run directory")
         path = combination(run_dirs[0], out, stages=(a, b), max_blocks=max_blocks)
     mark_output_dir(out, f"gain report {kind}", runs=[str(rd.absolute()) for rd in run_dirs])
     console.print(f"{kind} written to {path}", highlight=False)
