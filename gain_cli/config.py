@@ -147,9 +147,10 @@ SCHEMA: dict[str, tuple[str, bool]] = {  # key -> (kind, may be null)
     "train.compile": (_BOOL, False), "eval.compile": (_BOOL, False),
     "eval.block_size": (_INT, False), "eval.max_blocks": (_INT, True), "eval.batch_size": (_INT, False),
     "method.lr": (_NUM, False), "method.weight_decay": (_NUM, True),
+    "method.r": (_INT, False), "method.alpha": (_NUM, False), "method.dropout": (_NUM, False),  # LoRA-based methods
 }
 _POSITIVE = {"train.steps", "train.batch_size", "train.grad_accum", "train.seq_len", "eval.block_size",
-             "eval.batch_size"}
+             "eval.batch_size", "method.r"}
 # ranges of the numbers above (checked when set; null where the schema allows it means "off" / "all")
 RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "method.lr": (lambda v: math.isfinite(v) and 0 < v <= 1, "a number in (0, 1]"),
@@ -159,6 +160,8 @@ RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
     "train.checkpoint_every": (lambda v: v >= 0, "a number of steps >= 0 (0 or null: no mid-stage checkpoints)"),
     "train.log_every": (lambda v: v >= 1, "at least 1"),
     "eval.max_blocks": (lambda v: v >= 1, "at least 1, or null (every validation block)"),
+    "method.alpha": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0 (LoRA's scale is alpha / r)"),
+    "method.dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
 }
 
 

@@ -137,13 +137,15 @@ def test_report_and_bench_refuse_a_directory_gain_did_not_write(tmp_path):
     ("domains.sequence=[]", "domains.sequence is empty"),
     ("domains.sequence=[dna,code,dna]", "domains.sequence names dna more than once"),
     ("run_name=../../../x", "run_name '../../../x' must be a plain name"),
+    ("method=lora method.r=0", "method.r must be at least 1, got 0"),
+    ("method=lora method.dropout=1.5", "method.dropout must be a probability in [0, 1), got 1.5"),
 ])
 def test_nonsense_values_are_refused_before_any_work(override, needle, tmp_path):
     """Each value a run would accept and then train on as nonsense: one line naming the key, the value and the
     valid range, exit 2, and no run directory left behind."""
     rd = tmp_path / "run"
     where = f"output_root={tmp_path / 'runs'}" if override.startswith("run_name") else f"run_dir={rd}"
-    res = runner.invoke(app, ["run", "recipe=tiny_8domains", override, where])
+    res = runner.invoke(app, ["run", "recipe=tiny_8domains", *override.split(), where])
     assert res.exit_code == 2, res.output
     assert needle in " ".join(res.output.split()) and "Traceback" not in res.output
     assert len([ln for ln in res.output.splitlines() if ln.strip()]) == 1
