@@ -97,9 +97,12 @@ def run(
         jobs = expand_sweep(overrides or [])
         console.print(f"multirun: {len(jobs)} run(s)", highlight=False)
     # every combination is composed and checked before the first one runs: a bad value fails now, not hours in
+    from gain_cli.memory import check_sequence_lengths
+
     runs = []
     for suffix, job in jobs:
         cfg = _compose(job, DEFAULT_RECIPE)
+        check_sequence_lengths(cfg)
         if suffix and not cfg.get("run_dir"):
             cfg.run_name = f"{cfg.run_name}-{suffix}" if cfg.get("run_name") else suffix
         runs.append((suffix, job, cfg))

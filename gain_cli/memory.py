@@ -197,6 +197,34 @@ def memory_estimate(model_cfg: Mapping[str, Any], method_cfg: Mapping[str, Any],
     }
 
 
+def model_positions(model_cfg: Mapping[str, Any]) -> int | None:
+    """The number of positions the model was built for, read from its config without loading weights (None when
+    it cannot be told without loading, e.g. a hub model not on disk)."""
+    try:
+        hf = _hf_config(model_cfg)
+    except Exception:  # noqa: BLE001  (unknown here: the model load itself will say what is wrong)
+        return None
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(hf, key, None) if hf is not None else None
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_sequence_lengths(cfg) -> None:
+    """``train.seq_len`` and ``eval.block_size`` within the model's positions: one line before any work."""
+    from omegaconf import OmegaConf
+
+    positions = model_positions(OmegaConf.to_container(cfg.model, resolve=True))
+    if positions is None:
+        return
+    for key in ("train.seq_len", "eval.block_size"):
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, int) and value > positions:
+            raise GainError(f"{key}={value} is longer than model {cfg.model.name}'s {positions} positions "
+                            f"(valid: 1..{positions})")
+
+
 def sharding_of(accelerate_config: str | None) -> str:
     """'fsdp', 'zero3' or 'none' from an Accelerate config file (a name under configs/accelerate/ or a path)."""
     if not accelerate_config:

@@ -138,6 +138,8 @@ def test_report_and_bench_refuse_a_directory_gain_did_not_write(tmp_path):
     ("domains.sequence=[dna,code,dna]", "domains.sequence names dna more than once"),
     ("run_name=../../../x", "run_name '../../../x' must be a plain name"),
     ("method=lora method.r=0", "method.r must be at least 1, got 0"),
+    ("train.seq_len=2048", "train.seq_len=2048 is longer than model tiny-llama's 1024 positions (valid: 1..1024)"),
+    ("eval.block_size=4096", "eval.block_size=4096 is longer than model tiny-llama's 1024 positions"),
     ("method=lora method.dropout=1.5", "method.dropout must be a probability in [0, 1), got 1.5"),
 ])
 def test_nonsense_values_are_refused_before_any_work(override, needle, tmp_path):
