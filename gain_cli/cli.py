@@ -103,6 +103,11 @@ def run(
     for suffix, job in jobs:
         cfg = _compose(job, DEFAULT_RECIPE)
         check_sequence_lengths(cfg)
+        harness = cfg.eval.get("harness") or {}
+        if harness.get("enabled"):
+            from gain_cli.evaluation.harness import check_task_names
+
+            check_task_names(harness.get("tasks") or [])
         if suffix and not cfg.get("run_dir"):
             cfg.run_name = f"{cfg.run_name}-{suffix}" if cfg.get("run_name") else suffix
         runs.append((suffix, job, cfg))

@@ -140,6 +140,7 @@ def test_report_and_bench_refuse_a_directory_gain_did_not_write(tmp_path):
     ("method=lora method.r=0", "method.r must be at least 1, got 0"),
     ("train.seq_len=2048", "train.seq_len=2048 is longer than model tiny-llama's 1024 positions (valid: 1..1024)"),
     ("eval.block_size=4096", "eval.block_size=4096 is longer than model tiny-llama's 1024 positions"),
+    ("eval.harness.tasks=[cloze,hellaswagg]", "eval.harness.tasks: unknown task 'hellaswagg' (local: boolq, cloze"),
     ("method=lora method.dropout=1.5", "method.dropout must be a probability in [0, 1), got 1.5"),
 ])
 def test_nonsense_values_are_refused_before_any_work(override, needle, tmp_path):

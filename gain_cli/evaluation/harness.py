@@ -385,6 +385,28 @@ def _default_task_manager() -> Any:
     return _DEFAULT_TASK_MANAGER
 
 
+LOCAL_TASKS = ("boolq", "cloze")  # built by gain from local data (a name lm-eval also knows, for boolq)
+
+
+def check_task_names(tasks) -> None:
+    """Every ``eval.harness.tasks`` entry is a local task, a task YAML file or a task lm-eval knows: one line now,
+    not after the model loads and the base evaluation ran. lm-eval's index is built only when a name needs it."""
+    import difflib
+
+    others = [str(t) for t in tasks if str(t) not in LOCAL_TASKS
+              and not (Path(os.path.expanduser(str(t))).suffix in (".yaml", ".yml")
+                       and Path(os.path.expanduser(str(t))).is_file())]
+    if not others:
+        return
+    known = set(_default_task_manager().all_tasks)
+    for name in others:
+        if name not in known:
+            close = difflib.get_close_matches(name, sorted(known) + list(LOCAL_TASKS), n=5)
+            hint = f"close: {', '.join(close)}" if close else "see `lm-eval ls tasks`"
+            raise GainError(f"eval.harness.tasks: unknown task '{name}' (local: {', '.join(LOCAL_TASKS)}, a task YAML "
+                            f"file, or one of lm-eval's {len(known):,} tasks; {hint})")
+
+
 def _write_if_changed(path: Path, text: str) -> None:
     if not path.is_file() or path.read_text(encoding="utf-8") != text:
         path.write_text(text, encoding="utf-8")
