@@ -301,6 +301,10 @@ def _model_for_eval(overrides: list[str], run_dir: Path | None, stage: int | Non
                 cfg[key] = extra[key]
     done = finished_stages(run_dir)
     k = done[-1] if stage is None and done else (stage or 0)
+    total = len(cfg.domains.sequence)
+    if not 0 <= k <= total:
+        raise GainError(f"--stage {k}: stages are numbered 1..{total} (0: the base model; finished: "
+                        f"{', '.join(map(str, done)) or 'none'})")
     if k and k not in done:
         raise GainError(f"stage {k} of {run_dir} is not finished (finished: {', '.join(map(str, done)) or 'none'})")
     model, tok = load_model(cfg.model, cfg.cache_dir)

@@ -138,7 +138,9 @@ def test_eval_of_a_run_stage(gain_run):
     row = _matrix(gain_run)["values"][2]
     assert f"{row[0]:.3f}" in res.output
     res = runner.invoke(app, ["eval", "--run", str(gain_run), "--stage", "9"])
-    assert res.exit_code == 2 and "not finished" in res.output
+    assert res.exit_code == 2 and "stages are numbered 1..8" in res.output
+    res = runner.invoke(app, ["eval", "--run", str(gain_run), "--stage", "-1"])
+    assert res.exit_code == 2 and "stages are numbered 1..8" in res.output and "Traceback" not in res.output
 
 
 @pytest.mark.parametrize("method", ["lora", "full_ft", "gain_attn"])
