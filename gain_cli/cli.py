@@ -292,6 +292,7 @@ def _model_for_eval(overrides: list[str], run_dir: Path | None, stage: int | Non
         saved_dir = cfg.model.get("path") if cfg.model.name == "local" else None  # e.g. written by `gain merge`
         return cfg, model, tok, str(saved_dir) if saved_dir else f"{cfg.model.name} (no adaptation)"
     cfg = _run_config(run_dir)
+    total = len(cfg.domains.sequence)  # the run's stages (an override below may evaluate other domains)
     if overrides:
         from gain_cli.config import compose_config
 
@@ -301,7 +302,6 @@ def _model_for_eval(overrides: list[str], run_dir: Path | None, stage: int | Non
                 cfg[key] = extra[key]
     done = finished_stages(run_dir)
     k = done[-1] if stage is None and done else (stage or 0)
-    total = len(cfg.domains.sequence)
     if not 0 <= k <= total:
         raise GainError(f"--stage {k}: stages are numbered 1..{total} (0: the base model; finished: "
                         f"{', '.join(map(str, done)) or 'none'})")
