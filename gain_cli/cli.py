@@ -284,6 +284,7 @@ def _model_for_eval(overrides: list[str], run_dir: Path | None, stage: int | Non
 
     from gain_cli.methods import build_method
     from gain_cli.models.loading import load_model, model_spec
+    from gain_cli.reporting.matrices import check_finished_stage
     from gain_cli.runner import apply_saved_stages, finished_stages
 
     if run_dir is None:
@@ -302,11 +303,7 @@ def _model_for_eval(overrides: list[str], run_dir: Path | None, stage: int | Non
                 cfg[key] = extra[key]
     done = finished_stages(run_dir)
     k = done[-1] if stage is None and done else (stage or 0)
-    if not 0 <= k <= total:
-        raise GainError(f"--stage {k}: stages are numbered 1..{total} (0: the base model; finished: "
-                        f"{', '.join(map(str, done)) or 'none'})")
-    if k and k not in done:
-        raise GainError(f"stage {k} of {run_dir} is not finished (finished: {', '.join(map(str, done)) or 'none'})")
+    check_finished_stage(run_dir, k, total, done, base=True)
     model, tok = load_model(cfg.model, cfg.cache_dir)
     method = build_method(OmegaConf.to_container(cfg.method), model_spec(cfg.model, model.config.model_type))
     model = apply_saved_stages(model, method, run_dir, k)

@@ -22,6 +22,7 @@ def merge_run(run_dir: str | Path, out: str | Path, stage: int | None = None, ov
     from gain_cli.methods import build_method
     from gain_cli.models.loading import load_model, model_spec
     from gain_cli.outputs import claim_output_dir, mark_output_dir, replace_dir
+    from gain_cli.reporting.matrices import check_finished_stage
     from gain_cli.runner import apply_saved_stages, finished_stages
 
     run_dir = Path(run_dir)
@@ -35,10 +36,7 @@ def merge_run(run_dir: str | Path, out: str | Path, stage: int | None = None, ov
         raise GainError(f"{run_dir} has no finished stage to merge")
     total = len(cfg.domains.sequence)
     k = done[-1] if stage is None else int(stage)
-    if not 1 <= k <= total:
-        raise GainError(f"--stage {k}: stages are numbered 1..{total} (finished: {', '.join(map(str, done))})")
-    if k not in done:
-        raise GainError(f"stage {k} of {run_dir} is not finished (finished: {', '.join(map(str, done))})")
+    check_finished_stage(run_dir, k, total, done)
     out = claim_output_dir(out, "gain merge", overwrite)
     model, tokenizer = load_model(cfg.model, cfg.cache_dir)
     method = build_method(OmegaConf.to_container(cfg.method), model_spec(cfg.model, model.config.model_type))

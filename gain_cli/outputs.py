@@ -27,12 +27,20 @@ def claim_output_dir(out: str | Path, command: str, overwrite: bool = False) -> 
     if path.is_dir() and any(path.iterdir()) and not (path / MARKER).is_file() and not overwrite:
         raise GainError(f"--out {out} is a non-empty directory that gain did not write: {command} refuses to write "
                         "into it (nothing was changed); choose a new or empty directory, or pass --overwrite")
-    parent = path.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise GainError(f"--out {out}: cannot create it ({parent} is not a writable directory)")
+    check_creatable(path.parent, f"--out {out}")  # the new output is written beside it, then renamed
     return path
+
+
+def check_creatable(path: Path, what: str, hint: str = "") -> None:
+    """One line unless ``path`` exists as a directory or can be made: its nearest existing ancestor must be a
+    writable directory (``what`` names it in the message, ``hint`` says what to do instead)."""
+    ancestor = path
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise GainError(f"{what} lies under {ancestor}, which is a file{hint}")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise GainError(f"{what} cannot be written: {ancestor} is not writable{hint}")
 
 
 def mark_output_dir(path: Path, command: str, **info) -> None:

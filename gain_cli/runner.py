@@ -422,16 +422,11 @@ def run_info(cfg: DictConfig, accelerator, status: str, started: str | None = No
 def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
     """Check a run directory against the config: new, or resumable with the same config; and that it can be
     written (a file in its place, or an existing ancestor that is a file or read-only, is one line)."""
+    from gain_cli.outputs import check_creatable
+
     if run_dir.exists() and not run_dir.is_dir():
         raise GainError(f"run directory {run_dir} is a file, not a directory (choose another run_dir/run_name)")
-    ancestor = run_dir
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise GainError(f"run directory {run_dir} lies under {ancestor}, which is a file (choose another run_dir)")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise GainError(f"run directory {run_dir} cannot be written: {ancestor} is not writable "
-                        "(choose another run_dir or output_root)")
+    check_creatable(run_dir, f"run directory {run_dir}", " (choose another run_dir or output_root)")
     saved = run_dir / "config.yaml"
     if saved.is_file():
         if not cfg.get("resume"):

@@ -385,6 +385,12 @@ def _default_task_manager() -> Any:
     return _DEFAULT_TASK_MANAGER
 
 
+def task_file(name: str) -> Path | None:
+    """The task YAML file an ``eval.harness.tasks`` entry names, or None (a task name)."""
+    path = Path(os.path.expanduser(name))
+    return path.resolve() if path.suffix in (".yaml", ".yml") and path.is_file() else None
+
+
 LOCAL_TASKS = ("boolq", "cloze")  # built by gain from local data (a name lm-eval also knows, for boolq)
 
 
@@ -393,9 +399,7 @@ def check_task_names(tasks) -> None:
     not after the model loads and the base evaluation ran. lm-eval's index is built only when a name needs it."""
     import difflib
 
-    others = [str(t) for t in tasks if str(t) not in LOCAL_TASKS
-              and not (Path(os.path.expanduser(str(t))).suffix in (".yaml", ".yml")
-                       and Path(os.path.expanduser(str(t))).is_file())]
+    others = [str(t) for t in tasks if str(t) not in LOCAL_TASKS and task_file(str(t)) is None]
     if not others:
         return
     known = set(_default_task_manager().all_tasks)
@@ -516,9 +520,9 @@ def harness_results(model: torch.nn.Module, tokenizer: Any, cfg: Mapping[str, An
             local_dir = write_cloze_task(cloze_source(cfg), work_dir, _write_if_changed)
             specs.append(str(local_dir / "cloze.yaml"))
             continue
-        path = Path(os.path.expanduser(name))
-        if path.suffix in (".yaml", ".yml") and path.is_file():
-            specs.append(str(path.resolve()))
+        path = task_file(name)
+        if path is not None:
+            specs.append(str(path))
         else:
             specs.append(name)
             needs_index = True

@@ -193,6 +193,16 @@ def finished_stages(run_dir: Path) -> list[int]:
     return out
 
 
+def check_finished_stage(run_dir: Path, k: int, total: int, done: list[int], base: bool = False) -> None:
+    """One line unless stage ``k`` of the run (stages 1..``total``; 0 too with ``base``) is finished (``done``)."""
+    finished = ", ".join(map(str, done)) or "none"
+    if not (0 if base else 1) <= k <= total:
+        raise GainError(f"--stage {k}: stages are numbered 1..{total} ({'0: the base model; ' if base else ''}"
+                        f"finished: {finished})")
+    if k and k not in done:
+        raise GainError(f"stage {k} of {run_dir} is not finished (finished: {finished})")
+
+
 def collect_rows(run_dir: Path) -> list[dict[str, Any]]:
     """Row 0 (base) and the rows of the finished stages, in order (each row's whole ``metrics.json``)."""
     from gain_cli.io import read_json

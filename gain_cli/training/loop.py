@@ -135,36 +135,18 @@ def train_stage(model, method, blocks: torch.Tensor, train_cfg, *, seed: int, st
             for a in range(ga):
                 base = (step * ga + a) * bs * world + accelerator.process_index * bs
                 ids = blocks[order[base: base + bs]].to(accelerator.device)
-                if engine is not None:  # DeepSpeed: the engine accumulates, averages, clips and steps
-                    loss = _zero3_micro_step(engine, forward, method, model, ids, scheduler, stage, step)
-                    step_loss += loss.detach().double().cpu() / ga
-                    tokens += ids.numel() * world
-                    continue
-                with accelerator.accumulate(pmodel), (accelerator.autocast() if sharded else nullcontext()):
-                    # only the loss is kept: the output's full-vocabulary logits are freed right after the forward
-                    # instead of living on through the backward and into the next step's forward
-                    loss = forward(input_ids=ids, labels=ids).loss
-                    reg = method.regularization(model)
-                    if reg is not None:
-                        loss = loss + reg
-                    loss = faults.poison_loss(f"stage{stage}.step{step + 1}", loss)
-                    if not torch.isfinite(loss.detach()):
-                        raise NonFiniteLoss(stage, step + 1, float(loss.detach()))
-                    accelerator.backward(loss)
-                    if sharded:  # a plain optimiser: step once per accumulated batch; the norm over all shards
-                        if accelerator.sync_gradients:
-                            if max_norm:
-                                torch.nn.utils.clip_grad_norm_(params, float(max_norm))
-                            optimizer.step()
-                            scheduler.step()
-                            optimizer.zero_grad(set_to_none=True)
-                    else:
-                        if accelerator.sync_gradients and max_norm:
-                            accelerator.clip_grad_norm_(params, float(max_norm))
-                        optimizer.step()
-                        if accelerator.sync_gradients:
-                            scheduler.step()
-                        optimizer.zero_grad(set_to_none=True)
+                if engine is not None:  # DeepSpeed: the engine accumulates (loss / grad_accum), averages, clips
+                    loss = _micro_batch_loss(forward, method, model, ids, stage, step)
+                    engine.backward(loss)
+                    boundary = engine.is_gradient_accumulation_boundary()
+                    engine.step()  # the optimiser steps at the end of an accumulation only
+                    if boundary:
+                        scheduler.step()
+                else:
+                    with accelerator.accumulate(pmodel), (accelerator.autocast() if sharded else nullcontext()):
+                        loss = _micro_batch_loss(forward, method, model, ids, stage, step)
+                        accelerator.backward(loss)
+                        _step(accelerator, optimizer, scheduler, params, max_norm, sharded)
                 step_loss += loss.detach().double().cpu() / ga
                 tokens += ids.numel() * world
             if world > 1:
@@ -189,9 +171,11 @@ def train_stage(model, method, blocks: torch.Tensor, train_cfg, *, seed: int, st
                       first_loss=losses[0], final_loss=losses[-1], losses=[round(x, 6) for x in losses])
 
 
-def _zero3_micro_step(engine, forward, method, model, ids, scheduler, stage: int, step: int) -> torch.Tensor:
-    """One micro-batch under DeepSpeed: forward, backward (scaled by 1/grad_accum), and at the end of an
-    accumulation the optimiser step (gradients averaged over the processes and clipped) and the schedule's."""
+def _micro_batch_loss(forward, method, model, ids, stage: int, step: int) -> torch.Tensor:
+    """The loss of one micro-batch (LM loss plus the method's penalty), checked finite.
+
+    Only the loss is kept: the output's full-vocabulary logits are freed right after the forward instead of living
+    on through the backward and into the next step's forward."""
     from gain_cli import faults
 
     loss = forward(input_ids=ids, labels=ids).loss
@@ -201,9 +185,22 @@ def _zero3_micro_step(engine, forward, method, model, ids, scheduler, stage: int
     loss = faults.poison_loss(f"stage{stage}.step{step + 1}", loss)
     if not torch.isfinite(loss.detach()):
         raise NonFiniteLoss(stage, step + 1, float(loss.detach()))
-    engine.backward(loss)
-    boundary = engine.is_gradient_accumulation_boundary()
-    engine.step()
-    if boundary:
-        scheduler.step()
     return loss
+
+
+def _step(accelerator, optimizer, scheduler, params, max_norm, sharded: bool) -> None:
+    """The optimiser step after a micro-batch's backward (Accelerate's or FSDP's path)."""
+    if sharded:  # a plain optimiser: step once per accumulated batch; the norm over all shards
+        if accelerator.sync_gradients:
+            if max_norm:
+                torch.nn.utils.clip_grad_norm_(params, float(max_norm))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+    else:  # Accelerate's optimiser wrapper skips the step inside an accumulation
+        if accelerator.sync_gradients and max_norm:
+            accelerator.clip_grad_norm_(params, float(max_norm))
+        optimizer.step()
+        if accelerator.sync_gradients:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
