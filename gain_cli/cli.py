@@ -97,19 +97,14 @@ def run(
         jobs = expand_sweep(overrides or [])
         console.print(f"multirun: {len(jobs)} run(s)", highlight=False)
     # every combination is composed and checked before the first one runs: a bad value fails now, not hours in
-    from gain_cli.memory import check_sequence_lengths
+    from gain_cli.preflight import check_run
 
     runs = []
     for suffix, job in jobs:
         cfg = _compose(job, DEFAULT_RECIPE)
-        check_sequence_lengths(cfg)
-        harness = cfg.eval.get("harness") or {}
-        if harness.get("enabled"):
-            from gain_cli.evaluation.harness import check_task_names
-
-            check_task_names(harness.get("tasks") or [])
         if suffix and not cfg.get("run_dir"):
             cfg.run_name = f"{cfg.run_name}-{suffix}" if cfg.get("run_name") else suffix
+        check_run(cfg)
         runs.append((suffix, job, cfg))
     failed: list[str] = []
     for suffix, job, cfg in runs:
@@ -288,7 +283,10 @@ def _model_for_eval(overrides: list[str], run_dir: Path | None, stage: int | Non
     from gain_cli.runner import apply_saved_stages, finished_stages
 
     if run_dir is None:
+        from gain_cli.preflight import check_eval
+
         cfg = _compose(overrides, None)
+        check_eval(cfg)
         model, tok = load_model(cfg.model, cfg.cache_dir)
         saved_dir = cfg.model.get("path") if cfg.model.name == "local" else None  # e.g. written by `gain merge`
         return cfg, model, tok, str(saved_dir) if saved_dir else f"{cfg.model.name} (no adaptation)"
@@ -463,13 +461,16 @@ def data_list(overrides: Optional[list[str]] = typer.Argument(None, help="domain
 def data_build(
     name: str = typer.Argument(..., help="A domain set (configs/domains/NAME.yaml), e.g. tiny8 or demo8 (alias: demo)."),
     overrides: Optional[list[str]] = typer.Argument(None),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Build into domains.root even when it is a non-empty "
+                                                              "directory that gain did not build."),
 ) -> None:
-    """Build (once) the local data of a domain set."""
+    """Build (once) the local data of a domain set into its domains.root (a new or empty directory, or one gain
+    built before; files already there are kept)."""
     from gain_cli.data.domains import ensure_domains
 
     name = {"demo": "demo8", "tiny": "tiny8"}.get(name, name)
     cfg = _compose([f"domains={name}", *(overrides or [])], None)
-    domains = ensure_domains(cfg.domains, cfg.cache_dir, log=console.print)
+    domains = ensure_domains(cfg.domains, cfg.cache_dir, log=console.print, overwrite=overwrite)
     console.print(f"{len(domains)} domains ready in {cfg.domains.root}", highlight=False)
 
 

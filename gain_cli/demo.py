@@ -22,13 +22,19 @@ def run_demo(console, methods: Sequence[str] = DEMO_METHODS, overrides: Sequence
     from gain_cli.reporting.report import write_report
     from gain_cli.runner import run_experiment
 
+    from gain_cli.preflight import check_run
+
     t0 = time.perf_counter()
-    run_dirs = []
-    for m in methods:
+    configs = []
+    for m in methods:  # every run composed and checked before the first one starts
         rd = Path(output_root) / "demo" / m
         cfg = compose_config([f"method={m}", f"run_dir={rd}", "resume=true", *overrides], DEMO_RECIPE)
         if not (rd / "config.yaml").is_file():
             cfg.resume = False
+        check_run(cfg)
+        configs.append(cfg)
+    run_dirs = []
+    for m, cfg in zip(methods, configs):
         console.rule(f"demo · {cfg.model.name} · {m}")
         run_dirs.append(run_experiment(cfg, console))
     out = Path(output_root) / "demo" / "report"

@@ -43,6 +43,14 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()
 
 
+def apply_umask(tree: Path) -> None:
+    """Give every file under ``tree`` the permissions a plain ``open()`` gives (libraries that write through private
+    temporary files, as ``save_pretrained`` does for safetensors, leave 0600)."""
+    for f in Path(tree).rglob("*"):
+        if f.is_file():
+            os.chmod(f, _FILE_MODE)
+
+
 def atomic_write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> Path:
     """Call ``writer(tmp_path)`` then atomically move the result to ``path`` (with the permissions a plain
     ``open()`` gives a new file)."""

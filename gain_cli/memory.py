@@ -211,14 +211,14 @@ def model_positions(model_cfg: Mapping[str, Any]) -> int | None:
     return None
 
 
-def check_sequence_lengths(cfg) -> None:
-    """``train.seq_len`` and ``eval.block_size`` within the model's positions: one line before any work."""
+def check_sequence_lengths(cfg, keys: tuple[str, ...] = ("train.seq_len", "eval.block_size")) -> None:
+    """``train.seq_len`` and ``eval.block_size`` (``keys``) within the model's positions: one line before any work."""
     from omegaconf import OmegaConf
 
     positions = model_positions(OmegaConf.to_container(cfg.model, resolve=True))
     if positions is None:
         return
-    for key in ("train.seq_len", "eval.block_size"):
+    for key in keys:
         value = OmegaConf.select(cfg, key, default=None)
         if isinstance(value, int) and value > positions:
             raise GainError(f"{key}={value} is longer than model {cfg.model.name}'s {positions} positions "

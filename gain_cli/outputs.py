@@ -1,6 +1,7 @@
 """Where a command writes (``--out``): never over a user's own files.
 
-A command that writes a directory of results (``gain merge --out``, ``gain report --out``, ``gain bench --out``)
+A command that writes a directory of results (``gain merge --out``, ``gain report --out``, ``gain bench --out``,
+``gain data build`` into ``domains.root``)
 first claims it with ``claim_output_dir``: a new or empty directory is fine, and so is one that gain wrote before
 (it holds the marker file ``.gain-output.json``, written by ``mark_output_dir`` when the command finishes); a
 file, or a non-empty directory that gain did not write, is refused in one line and left as it was, unless the user
@@ -14,20 +15,23 @@ import shutil
 from pathlib import Path
 
 from gain_cli.errors import GainError
-from gain_cli.io import _FILE_MODE, atomic_write_json
+from gain_cli.io import apply_umask, atomic_write_json
 
 MARKER = ".gain-output.json"
 
 
-def claim_output_dir(out: str | Path, command: str, overwrite: bool = False) -> Path:
-    """The absolute directory ``command`` may write into (see the module docstring); nothing is created yet."""
+def claim_output_dir(out: str | Path, command: str, overwrite: bool = False, *, option: str = "--out",
+                     gain_files: tuple[str, ...] = ()) -> Path:
+    """The absolute directory ``command`` may write into (see the module docstring); nothing is created yet.
+    ``option`` names where the path came from; ``gain_files``: other files that show gain wrote the directory."""
     path = Path(out).expanduser().absolute()
     if path.exists() and not path.is_dir():
-        raise GainError(f"--out {out} is a file, not a directory: {command} writes a directory (nothing was changed)")
-    if path.is_dir() and any(path.iterdir()) and not (path / MARKER).is_file() and not overwrite:
-        raise GainError(f"--out {out} is a non-empty directory that gain did not write: {command} refuses to write "
+        raise GainError(f"{option} {out} is a file, not a directory: {command} writes a directory (nothing was changed)")
+    ours = any((path / f).is_file() for f in (MARKER, *gain_files))
+    if path.is_dir() and any(path.iterdir()) and not ours and not overwrite:
+        raise GainError(f"{option} {out} is a non-empty directory that gain did not write: {command} refuses to write "
                         "into it (nothing was changed); choose a new or empty directory, or pass --overwrite")
-    check_creatable(path.parent, f"--out {out}")  # the new output is written beside it, then renamed
+    check_creatable(path.parent, f"{option} {out}")  # the new output is written beside it, then renamed
     return path
 
 
@@ -51,9 +55,7 @@ def mark_output_dir(path: Path, command: str, **info) -> None:
 def replace_dir(tmp: Path, out: Path) -> None:
     """Move the finished directory ``tmp`` to ``out`` (which ``claim_output_dir`` allowed), files at the umask's
     permissions."""
-    for f in tmp.rglob("*"):
-        if f.is_file():
-            os.chmod(f, _FILE_MODE)
+    apply_umask(tmp)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

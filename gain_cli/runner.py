@@ -183,6 +183,7 @@ class Experiment:
             self.model, self.tokenizer = load_model(cfg.model, cfg.cache_dir)
             self.spec = model_spec(cfg.model, self.model.config.model_type)
             self.method = build_method(cfg.method, self.spec)
+            self.method.check_model(self.model)
             domains = ensure_domains(cfg.domains, cfg.cache_dir, log=self.say)
             self.domains = [d.name for d in domains]
             self.data = DomainData(domains, self.tokenizer, cfg.cache_dir)
@@ -191,6 +192,8 @@ class Experiment:
                 self.model.to(self.accelerator.device)
             self.eval_blocks = {d: self.data.blocks(d, "validation", int(cfg.eval.block_size), cfg.eval.get("max_blocks"))
                                 for d in self.domains}
+            for d in self.domains:  # every training split read now: a bad file is refused before the run starts
+                self.data.blocks(d, "train", int(cfg.train.seq_len))
         self.param_bytes_per_process = None
         self.engine = None  # train.sharding=zero3: the run's DeepSpeed engine
         if self.sharded:  # outside local_main_process_first: sharding is a collective of all processes
@@ -480,11 +483,13 @@ def run_experiment(cfg: DictConfig, console=None, on_event: Callable[[str, dict]
         rd = resolve_run_dir(cfg)
         prepare_run_dir(cfg, rd)
         check_same_processes(cfg, rd, acc.num_processes)
-        rd.mkdir(parents=True, exist_ok=True)
         return rd
 
     run_dir = on_main_shared(acc, choose_run_dir)  # one directory for all processes (the default is a timestamp)
     exp = Experiment(cfg, run_dir, console, accelerator=acc)
+    # the directory appears only now that the run can start: a model, tokenizer or data file that cannot be read
+    # was refused while the experiment loaded them, and left nothing behind
+    on_main_shared(acc, lambda: run_dir.mkdir(parents=True, exist_ok=True))
     emit = on_event or (lambda *_: None)
     with run_lock(run_dir, acc):
         if exp.is_main:  # temp files of a killed writer: never read, removed under the lock

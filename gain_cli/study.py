@@ -225,6 +225,7 @@ def run_study(console, size: str = "default", sweep: str | None = None, override
     """Run (or resume) a study or one of its sweeps; return its report (``report.md``). ``run_missing=False``: only
     write the report, from the runs that are finished (the others are named in it)."""
     from gain_cli.config import compose_config
+    from gain_cli.preflight import check_run
     from gain_cli.runner import run_experiment
 
     if size not in SIZES:
@@ -238,6 +239,7 @@ def run_study(console, size: str = "default", sweep: str | None = None, override
         r.cfg = compose_config([*r.overrides, "resume=true"], recipe)
         if not (r.run_dir / "config.yaml").is_file():
             r.cfg.resume = False
+        check_run(r.cfg)
     total, done = _rows_total(runs)
     progress = StudyProgress(console, total, done)
     what = f"sweep {sweep}" if sweep else "study"

@@ -162,3 +162,17 @@ def test_a_run_dir_that_cannot_be_a_directory_is_one_line(tmp_path):
         res = runner.invoke(app, ["run", "recipe=tiny_8domains", f"run_dir={rd}"])
         assert res.exit_code == 2 and needle in " ".join(res.output.split()) and "Traceback" not in res.output, res.output
     assert afile.read_text() == "mine"
+
+
+@pytest.mark.parametrize("args", [
+    ["demo", "eval.harness.tasks=[boolq,hellaswagg]"],
+    ["study", "--size", "tiny", "eval.harness.tasks=[boolq,hellaswagg]"],
+])
+def test_demo_and_study_check_every_run_before_the_first_starts(args, tmp_path, monkeypatch):
+    """The checks of `gain run` hold for the runs `gain demo` and `gain study` compose (gain_cli.preflight)."""
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2, res.output
+    assert "eval.harness.tasks: unknown task 'hellaswagg'" in " ".join(res.output.split())
+    assert "Traceback" not in res.output
+    assert not (tmp_path / "runs").exists()

@@ -310,3 +310,110 @@ def test_a_resumed_stage_logs_each_step_once_and_says_where_it_resumed(tmp_path)
     assert "resumed stage 1 from step 4" in " ".join(res.stdout.split())
     log = [json.loads(line) for line in (rd / "train_log.jsonl").read_text().splitlines()]
     assert [(r["stage"], r["step"]) for r in log] == [(k, s) for k in (1, 2) for s in range(1, 13)]
+
+
+# --- files a run names that cannot be used: one line, exit 2, no run directory (issue 17) -----------------------
+
+def _saved_model(path: Path, *, safetensors: bool = True, tokenizer: bool = True) -> Path:
+    """A 1-layer Llama saved as a Hugging Face directory, with gain's byte tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gain_cli.models.tokenizers import byte_tokenizer
+
+    tok = byte_tokenizer()
+    torch_model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                               num_attention_heads=2, num_key_value_heads=1, vocab_size=len(tok),
+                                               max_position_embeddings=256))
+    torch_model.save_pretrained(path)
+    if not safetensors:  # as older transformers saved by default (transformers 5 writes safetensors only)
+        import torch
+
+        torch.save(torch_model.state_dict(), path / "pytorch_model.bin")
+        (path / "model.safetensors").unlink()
+    if tokenizer:
+        tok.save_pretrained(path)
+    return path
+
+
+def _unusable_model(kind: str, tmp: Path) -> list[str]:
+    """The overrides naming a model directory that is wrong in one way (``kind``)."""
+    d = tmp / "model"
+    if kind == "pickled weights":
+        _saved_model(d, safetensors=False)
+    elif kind == "no tokenizer":
+        _saved_model(d, tokenizer=False)
+    elif kind == "no config":
+        _saved_model(d)
+        (d / "config.json").unlink()
+    elif kind == "a file":
+        d.write_text("not a model")
+        return ["model=local", f"model.path={d}"]
+    elif kind == "broken tokenizer":
+        _saved_model(d)
+        (d / "tokenizer.json").write_text("{not json")
+    elif kind == "hub id offline":
+        return ["model=local", "model.path=some-org/some-model"]
+    return [f"model={d}"]
+
+
+@pytest.mark.parametrize("kind, needle", [
+    ("pickled weights", "holds no *.safetensors weights (found pytorch_model.bin: gain loads safetensors only"),
+    ("no tokenizer", "has no tokenizer (tokenizer.json or tokenizer_config.json"),
+    ("no config", "holds no config.json: not a saved Hugging Face model"),
+    ("a file", "is a file, not a model directory"),
+    ("hub id offline", "model.path 'some-org/some-model' is not a local directory and the hub is offline"),
+    ("broken tokenizer", "cannot load the tokenizer from"),
+])
+def test_a_model_directory_that_cannot_be_used_is_one_line_and_leaves_no_run(kind, needle, tmp_path):
+    rd = tmp_path / "run"
+    res = runner.invoke(app, ["run", "recipe=tiny_8domains", *_unusable_model(kind, tmp_path), f"run_dir={rd}"])
+    _one_line_error(res, needle)
+    assert not rd.exists()
+
+
+def test_gain_eval_checks_the_model_directory_too(tmp_path):
+    res = runner.invoke(app, ["eval", *_unusable_model("pickled weights", tmp_path), "domains=tiny8"])
+    _one_line_error(res, "holds no *.safetensors weights")
+
+
+def test_a_domain_file_that_is_not_utf8_is_one_line_and_leaves_no_run(tmp_path):
+    """The second domain's training file is Latin-1: found while the run reads its data, before its directory."""
+    root, rd = tmp_path / "data", tmp_path / "run"
+    _files_domain(root, "first", json.dumps({"text": "plain text " * 300}) + "\n", json.dumps({"text": "v " * 300}) + "\n")
+    _files_domain(root, "second", "", json.dumps({"text": "v " * 300}) + "\n")
+    (root / "second" / "train.jsonl").write_bytes(json.dumps({"text": "ok " * 300}).encode() + b"\n"
+                                                  + '{"text": "caf\xe9"}\n'.encode("latin-1"))
+    res = runner.invoke(app, ["run", "recipe=tiny_8domains", "domains.source=files", f"domains.root={root}",
+                              "domains.sequence=[first,second]", f"run_dir={rd}"])
+    _one_line_error(res, f"{root / 'second' / 'train.jsonl'}:2: not UTF-8 text (byte 0xe9 at column 14)")
+    assert not rd.exists()
+
+
+def test_a_lora_target_the_model_lacks_is_one_line_and_leaves_no_run(tmp_path):
+    rd = tmp_path / "run"
+    res = runner.invoke(app, ["run", "recipe=tiny_8domains", "method=lora", "method.target_modules=[no_such_proj]",
+                              f"run_dir={rd}"])
+    _one_line_error(res, "method lora: target module 'no_such_proj' is not in the model (method.target_modules; its projections: down_proj, gate_proj, k_proj")
+    assert not rd.exists()
+
+
+def test_gain_data_build_never_writes_into_a_users_directory(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("x")
+    res = runner.invoke(app, ["data", "build", "demo", f"domains.root={mine}"])
+    _one_line_error(res, f"domains.root {mine} is a non-empty directory that gain did not write: gain data build "
+                         "refuses to write into it")
+    assert [p.name for p in mine.iterdir()] == ["thesis.txt"] and (mine / "thesis.txt").read_text() == "x"
+    res = runner.invoke(app, ["data", "build", "demo", f"domains.root={mine / 'thesis.txt'}"])
+    _one_line_error(res, "is a file, not a directory")
+
+
+def test_a_model_conversion_or_merge_leaves_files_at_the_umask(tmp_path):
+    """save_pretrained writes safetensors through a private temp file (0600); gain gives them a plain open's mode."""
+    from gain_cli.io import _FILE_MODE, apply_umask
+
+    d = _saved_model(tmp_path / "m")
+    os.chmod(d / "model.safetensors", 0o600)
+    apply_umask(d)
+    assert {oct(f.stat().st_mode & 0o777) for f in d.iterdir()} == {oct(_FILE_MODE)}

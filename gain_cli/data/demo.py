@@ -30,6 +30,7 @@ from gain_cli.data.demo_text import cap_documents, prepare_documents, split_docu
 from gain_cli.data.domains import write_documents
 from gain_cli.errors import GainError
 from gain_cli.io import atomic_write_json, atomic_write_text, file_lock, read_json
+from gain_cli.outputs import claim_output_dir, mark_output_dir
 
 DEMO_DOMAINS: list[str] = ["scripture", "drama", "legal", "medical", "math", "code", "kernel_docs", "computing"]
 """The 8 demo domains in sequence order."""
@@ -104,12 +105,14 @@ def build_domain(name: str, root: Path, download_dir: Path, log=print) -> dict[s
     return rec
 
 
-def build_demo(root: Path, download_dir: Path, *, force: bool = False, log=print) -> Path:
-    """Build the demo domains and the BoolQ-format set into ``root`` (see the module doc); returns ``root``."""
+def build_demo(root: Path, download_dir: Path, *, force: bool = False, overwrite: bool = False, log=print) -> Path:
+    """Build the demo domains and the BoolQ-format set into ``root`` (see the module doc); returns ``root``.
+    A non-empty ``root`` that gain did not build is refused (gain_cli.outputs) unless ``overwrite``."""
     root = Path(os.path.expanduser(str(root)))
     download_dir = Path(os.path.expanduser(str(download_dir)))
     if is_complete(root) and not force:
         return root
+    claim_output_dir(root, "gain data build", overwrite, option="domains.root", gain_files=("BUILD_OK",))
     with file_lock(root.parent / f".{root.name}.build.lock"):
         if is_complete(root) and not force:  # built by another process while we waited
             return root
@@ -117,8 +120,9 @@ def build_demo(root: Path, download_dir: Path, *, force: bool = False, log=print
             build_cloze(root, download_dir, log)
             return root
         t0 = time.perf_counter()
-        (root / "BUILD_OK").unlink(missing_ok=True)
         root.mkdir(parents=True, exist_ok=True)
+        mark_output_dir(root, "gain data build", domains="demo8")  # before any file: an interrupted build is ours
+        (root / "BUILD_OK").unlink(missing_ok=True)
         download_dir.mkdir(parents=True, exist_ok=True)
         log(f"building {len(DEMO_DOMAINS)} demo domains in {root} (downloads cached in {download_dir})")
         records = [build_domain(name, root, download_dir, log) for name in DEMO_DOMAINS]

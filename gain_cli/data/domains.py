@@ -44,15 +44,23 @@ def write_documents(path: Path, docs: Iterable[str]) -> None:
 
 def read_documents(path: Path) -> list[str]:
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                docs.append(obj["text"])
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise GainError(f"{path}:{i}: expected a JSON object with a 'text' field ({type(exc).__name__})") from exc
+    try:
+        with open(path, "rb") as f:
+            for i, raw in enumerate(f, 1):
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                    docs.append(obj["text"])
+                except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                    raise GainError(f"{path}:{i}: expected a JSON object with a 'text' field "
+                                    f"({type(exc).__name__})") from exc
+    except UnicodeDecodeError as exc:
+        raise GainError(f"{path}:{i}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at column {exc.start + 1}); "
+                        "domain files are UTF-8 JSON lines") from exc
+    except OSError as exc:
+        raise GainError(f"cannot read domain file {path}: {exc.strerror or exc}") from exc
     return docs
 
 
@@ -60,8 +68,9 @@ def domain_files(root: Path, name: str) -> Domain:
     return Domain(name, root / name / "train.jsonl", root / name / "validation.jsonl")
 
 
-def ensure_domains(domains_cfg: Mapping[str, Any], cache_dir: str | Path, log=print) -> list[Domain]:
-    """Return the domains of the sequence, building missing data when the source can."""
+def ensure_domains(domains_cfg: Mapping[str, Any], cache_dir: str | Path, log=print, overwrite: bool = False) -> list[Domain]:
+    """Return the domains of the sequence, building missing data when the source can (a demo build refuses a
+    non-empty ``domains.root`` that gain did not build, unless ``overwrite``)."""
     source = domains_cfg.get("source", "files")
     if source not in SOURCES:
         raise unknown_choice("domains.source", source, SOURCES)
@@ -91,7 +100,7 @@ def ensure_domains(domains_cfg: Mapping[str, Any], cache_dir: str | Path, log=pr
             if unknown:
                 raise unknown_choice("domain", unknown[0], DEMO_DOMAINS)
             log(f"building the demo domains in {root} (once; later runs reuse them)")
-            build_demo(root, Path(cache_dir) / "downloads", log=log)
+            build_demo(root, Path(cache_dir) / "downloads", overwrite=overwrite, log=log)
     elif source == "hub" and missing:
         for d in missing:
             _materialize_hub(domains_cfg, d, log)
@@ -131,9 +140,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def _file_digest(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as exc:
+        raise GainError(f"cannot read domain file {path}: {exc.strerror or exc}") from exc
     return h.hexdigest()[:16]
 
 

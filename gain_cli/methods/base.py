@@ -69,6 +69,9 @@ class Method(ABC):
         self.spec = spec
         self.name = str(self.cfg.get("name", self.kind))
 
+    def check_model(self, model: nn.Module) -> None:
+        """A one-line GainError when the method cannot attach to ``model`` (called before the run starts)."""
+
     # --- training -----------------------------------------------------------------
     @abstractmethod
     def attach(self, model: nn.Module) -> nn.Module:

@@ -56,7 +56,8 @@ from transformers.modeling_outputs import CausalLMOutput
 
 from gain_cli.errors import GainError, unknown_choice
 from gain_cli.methods.base import Method, check_state_keys, freeze, register
-from gain_cli.methods.lora import adapter_formula, load_peft_state, lora_config, peft_state
+from gain_cli.methods.lora import (adapter_formula, attach_peft, check_peft_targets, load_peft_state, lora_config,
+                                   peft_state)
 
 BACKBONES = ("lora", "ia3")
 
@@ -197,14 +198,15 @@ class Imsm(Method):
             return ia3_config(self.cfg, self.spec)
         return lora_config(self.cfg, self.spec)
 
-    def attach(self, model: nn.Module) -> nn.Module:
-        from peft import get_peft_model
+    def check_model(self, model: nn.Module) -> None:
+        check_peft_targets(model, self.peft_config(), self.name)
 
+    def attach(self, model: nn.Module) -> nn.Module:
         if isinstance(model, SiameseLM):  # a later stage: fresh adapter on the tuned branch, same gate
             if model.is_peft_attached:
                 raise GainError("IMSM is already attached to this model (finish_stage first)")
             freeze(model)
-            model.tuned = get_peft_model(model.tuned, self.peft_config())
+            model.tuned = attach_peft(model.tuned, self.peft_config(), self.name)
             model.gate.requires_grad_(True)
             return model
         if hasattr(model, "get_base_model"):
@@ -213,7 +215,7 @@ class Imsm(Method):
         frozen = copy.deepcopy(model).eval()
         head = model.get_output_embeddings()
         gate = SiameseGate(head.weight.shape[1], self.gate_rank, self.gate_dropout, device=head.weight.device)
-        tuned = get_peft_model(model, self.peft_config())
+        tuned = attach_peft(model, self.peft_config(), self.name)
         return SiameseLM(frozen, tuned, gate)
 
     def _siamese(self, model: nn.Module) -> SiameseLM:

@@ -7,6 +7,7 @@ Merge: PEFT's ``merge_and_unload`` (W += (alpha/r)·B·A, the adapter weights ar
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,6 +40,37 @@ def lora_config(cfg: Mapping[str, Any], spec):
         fan_in_fan_out=spec.model_type == "gpt2",
         task_type="CAUSAL_LM",
     )
+
+
+def attach_peft(model: nn.Module, peft_config, method: str) -> nn.Module:
+    """PEFT's ``get_peft_model``, its refusals (a target module the model lacks, a bad value) as one line."""
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, peft_config)
+    except (ValueError, TypeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise GainError(f"method {method}: PEFT cannot build the adapter: {first} "
+                        "(check method.target_modules and the method's values)") from exc
+
+
+def check_peft_targets(model: nn.Module, peft_config, method: str) -> None:
+    """Every entry of the adapter's ``target_modules`` names a module of ``model`` (PEFT's own matching), so that a
+    typo is one line before the run starts, not PEFT's error when the first stage attaches."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    targets = peft_config.target_modules
+    targets = [targets] if isinstance(targets, str) else sorted(targets or ())
+    names = [n for n, _ in model.named_modules()]
+    for target in targets:
+        one = copy.copy(peft_config)  # PEFT's matching, one target at a time
+        one.target_modules = {target}
+        if not any(check_target_module_exists(one, n) for n in names):
+            leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()  # Linear and GPT-2's Conv1D
+                             if getattr(m, "weight", None) is not None and m.weight.dim() == 2
+                             and not isinstance(m, nn.Embedding)})
+            raise GainError(f"method {method}: target module '{target}' is not in the model (method.target_modules; "
+                            f"its projections: {', '.join(leaves)})")
 
 
 def _adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -139,10 +171,11 @@ class PeftMethod(Method):
     def peft_config(self):
         raise NotImplementedError
 
-    def attach(self, model: nn.Module) -> nn.Module:
-        from peft import get_peft_model
+    def check_model(self, model: nn.Module) -> None:
+        check_peft_targets(model, self.peft_config(), self.name)
 
-        return get_peft_model(model, self.peft_config())
+    def attach(self, model: nn.Module) -> nn.Module:
+        return attach_peft(model, self.peft_config(), self.name)
 
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         return peft_state(model)

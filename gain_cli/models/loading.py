@@ -55,7 +55,7 @@ def _local_or_hub(path: str) -> tuple[str, bool]:
     return (str(p), True) if p.exists() else (path, False)
 
 
-def _offline() -> bool:
+def hub_offline() -> bool:
     return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
@@ -70,11 +70,16 @@ def load_tokenizer(model_cfg: Mapping[str, Any], model_dir: str | None):
     if src is None:
         raise GainError(f"model config '{model_cfg.get('name')}' names no tokenizer (set model.tokenizer or model.path)")
     src, _ = _local_or_hub(str(src))
-    if Path(src).is_dir() and (Path(src) / "tokenizer.json").is_file():
-        # AutoTokenizer may re-split text for some model types (e.g. qwen2); the fast file is authoritative.
-        tok = PreTrainedTokenizerFast.from_pretrained(src)
-    else:
-        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=bool(model_cfg.get("trust_remote_code", False)))
+    try:
+        if Path(src).is_dir() and (Path(src) / "tokenizer.json").is_file():
+            # AutoTokenizer may re-split text for some model types (e.g. qwen2); the fast file is authoritative.
+            tok = PreTrainedTokenizerFast.from_pretrained(src)
+        else:
+            tok = AutoTokenizer.from_pretrained(src, trust_remote_code=bool(model_cfg.get("trust_remote_code", False)))
+    except (OSError, ValueError, TypeError) as exc:  # missing or unreadable tokenizer files
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise GainError(f"cannot load the tokenizer from '{src}': {first} (set model.tokenizer=PATH to a directory "
+                        "holding one)") from exc
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -110,7 +115,7 @@ def load_model(model_cfg: Mapping[str, Any], cache_dir: str | Path):
         if not model_cfg.get("path"):
             raise GainError(f"model config '{model_cfg.get('name')}' has source=pretrained but no model.path")
         path, is_local = _local_or_hub(str(model_cfg["path"]))
-        if not is_local and _offline():
+        if not is_local and hub_offline():
             raise GainError(f"model.path '{path}' is not a local directory and the hub is offline (HF_HUB_OFFLINE=1)")
     tokenizer = load_tokenizer(model_cfg, path)
     try:

