@@ -18,7 +18,7 @@ from rich.table import Table
 
 from gain_cli.errors import GainError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
+app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
                   help="gain: adapt a pretrained LLM to a sequence of text domains and measure forgetting.")
 data_app = typer.Typer(no_args_is_help=True, help="Domain data: list the domains of a config, build local data.")
 app.add_typer(data_app, name="data")
@@ -48,10 +48,39 @@ def user_errors(fn):
     return wrapper
 
 
+def _version() -> str:
+    import importlib.metadata as md
+
+    try:
+        return md.version("gain-cli")
+    except md.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(f"gain {_version()}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks.")) -> None:
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks."),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print gain's version and exit."),
+) -> None:
     if debug:
         _state["debug"] = True
+
+
+def _config_groups_help() -> str:
+    """The recipes and config groups with their options, from the files themselves (for `gain run --help`)."""
+    from gain_cli.config import GROUPS, group_choices, recipe_choices
+
+    lines = ["\b", "Recipes (recipe=NAME):", f"  {', '.join(recipe_choices())}", "Config groups (GROUP=NAME):"]
+    lines += [f"  {g:9s} {', '.join(group_choices(g))}" for g in GROUPS]
+    lines.append("Any key: KEY=VALUE (see `gain info config`); new keys +KEY=VALUE.")
+    return "\n".join(lines)
 
 
 def _compose(overrides: list[str], default_recipe: str | None = None):
@@ -77,16 +106,32 @@ def _expand_model_path(overrides: list[str]) -> list[str]:
 
 # --- run ------------------------------------------------------------------------------------
 
-@app.command(context_settings=OVERRIDES)
+def complete_override(incomplete: str) -> list[str]:
+    """Shell completion of ``recipe=NAME`` and ``GROUP=NAME`` overrides (from the config files)."""
+    from gain_cli.config import GROUPS, group_choices, recipe_choices
+
+    if "=" in incomplete:
+        key, _ = incomplete.split("=", 1)
+        names = recipe_choices() if key == "recipe" else group_choices(key) if key in GROUPS else []
+        return [f"{key}={n}" for n in names if f"{key}={n}".startswith(incomplete)]
+    return [f"{k}=" for k in ("recipe", *GROUPS) if k.startswith(incomplete)]
+
+
+@app.command(context_settings=OVERRIDES, epilog=_config_groups_help())
 @user_errors
 def run(
-    overrides: Optional[list[str]] = typer.Argument(None, help="recipe=NAME and key=value overrides"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="recipe=NAME and key=value overrides",
+                                                    autocompletion=complete_override),
     multirun: bool = typer.Option(False, "--multirun", "-m", help="Sweep: comma lists run every combination."),
 ) -> None:
     """Run a sequential-domain experiment: base eval, then train + evaluate every domain per stage.
 
-    Example: gain run recipe=tiny_8domains method=lora train.steps=20 run_name=try1
-    Sweep:   gain run -m recipe=tiny_8domains method=lora,gain_ffn method.lr=1e-4,1e-3
+    \b
+    Examples:
+      gain run recipe=tiny_8domains method=lora train.steps=20 run_name=try1
+      gain run recipe=smollm2_8domains method=gain_ffn method.lr=3e-3
+      gain run recipe=tiny_8domains resume=true run_name=try1      (continue a stopped run)
+      gain run -m recipe=tiny_8domains method=lora,gain_ffn method.lr=1e-4,1e-3   (a sweep)
     """
     from gain_cli.config import DEFAULT_RECIPE
 
@@ -107,9 +152,10 @@ def run(
         check_run(cfg)
         runs.append((suffix, job, cfg))
     failed: list[str] = []
+    finished: list[Path] = []
     for suffix, job, cfg in runs:
         try:
-            _run_one(cfg, job)
+            finished.append(_run_one(cfg, job))
         except (GainError, typer.Exit) as exc:
             if not multirun or _state["debug"]:
                 raise
@@ -117,22 +163,45 @@ def run(
             if isinstance(exc, GainError):
                 err_console.print(f"[bold red]error[/bold red] in run {suffix}: {exc}", highlight=False, soft_wrap=True)
             failed.append(suffix)
+    if multirun and len(finished) > 1 and os.environ.get("RANK", "0") == "0":
+        _compare_sweep(finished, runs[0][2])
     if failed:
         others = "the others finished; " if len(failed) < len(runs) else ""
         raise GainError(f"{len(failed)} of {len(runs)} runs failed: {', '.join(failed)} (errors above); {others}"
                         "the same command with resume=true re-runs only what is unfinished")
 
 
-def _run_one(cfg, job: list[str]) -> None:
-    """One experiment, in this process or in launched processes (launcher.num_processes > 1)."""
+def _compare_sweep(run_dirs: list[Path], cfg) -> None:
+    """The end of a sweep: its runs' metrics side by side in the terminal, and their comparison report."""
+    from datetime import datetime
+
+    from gain_cli.outputs import claim_output_dir, mark_output_dir
+    from gain_cli.reporting.matrices import load_run
+    from gain_cli.reporting.report import write_report
+    from gain_cli.reporting.tables import print_metric_table
+
+    try:
+        print_metric_table([load_run(rd) for rd in run_dirs], console)
+        out = claim_output_dir(Path(str(cfg.output_root)) / str(cfg.recipe or "custom") /
+                               f"sweep-{datetime.now().strftime('%Y%m%d-%H%M%S')}", "gain run -m")
+        path = write_report(run_dirs, out, "md")
+    except GainError as exc:  # e.g. a sweep over domain sequences: the runs stand, only the comparison is skipped
+        err_console.print(f"no sweep comparison: {exc}", highlight=False, soft_wrap=True)
+        return
+    mark_output_dir(out, "gain run -m", runs=[str(rd) for rd in run_dirs])
+    console.print(f"sweep comparison: {path}", highlight=False)
+
+
+def _run_one(cfg, job: list[str]) -> Path:
+    """One experiment, in this process or in launched processes (launcher.num_processes > 1); its run directory."""
     from gain_cli.launcher import maybe_relaunch
-    from gain_cli.runner import run_experiment
+    from gain_cli.runner import resolve_run_dir, run_experiment
 
     rc = maybe_relaunch(cfg, [*(["--debug"] if _state["debug"] else []), "run", *job], console)
     if rc is not None:  # ran in launched processes
         if rc:
             raise typer.Exit(rc)
-        return
+        return resolve_run_dir(cfg)
     main = os.environ.get("RANK", "0") == "0"  # under accelerate launch / torchrun: print once
     if main:
         from gain_cli.memory import summary_line
@@ -146,6 +215,7 @@ def _run_one(cfg, job: list[str]) -> None:
     if main:
         _print_run(run_dir)
         console.print(f"results: {run_dir}", highlight=False)
+    return run_dir
 
 
 def _print_run(run_dir: Path) -> None:
@@ -335,6 +405,31 @@ def merge(
 
     path = merge_run(run_dir, out, stage, overwrite=overwrite, say=lambda m: console.print(m, highlight=False))
     console.print(f"merged model written to {path}", highlight=False)
+
+
+@app.command()
+@user_errors
+def export(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `gain run`."),
+    out: Path = typer.Option(..., "--out", help="Where to write the adapter directory."),
+    stage: Optional[int] = typer.Option(None, "--stage", help="Stage K's own adapter (its base: the model after "
+                                        "stage K-1, i.e. `gain merge RUN --stage K-1`; K=1: the pretrained model)."),
+    stages: Optional[str] = typer.Option(None, "--stages", help="Stages A..B as one adapter, e.g. 1..3 (its base: "
+                                         "the model after stage A-1; 1..K: the pretrained model)."),
+    fmt: str = typer.Option("peft", "--format", help="peft: adapter_config.json + adapter_model.safetensors."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out even when it is a directory gain did "
+                                   "not write (its files are deleted)."),
+) -> None:
+    """Write trained stages as a stock PEFT adapter (LoRA; (IA)³; GAIN as (IA)³), loadable with
+    `PeftModel.from_pretrained(base, OUT)` without gain (docs/export.md). IMSM and full FT are refused.
+
+    --out must be new, empty or an earlier `gain export` output; anything else is refused unless --overwrite."""
+    from gain_cli.export import export_run, stage_range
+
+    first, last = stage_range(stage, stages)
+    path = export_run(run_dir, out, last, first, fmt=fmt, overwrite=overwrite,
+                      say=lambda m: console.print(m, highlight=False))
+    console.print(f"PEFT adapter written to {path}", highlight=False)
 
 
 # --- report ---------------------------------------------------------------------------------

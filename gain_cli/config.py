@@ -212,8 +212,8 @@ def to_yaml(cfg: DictConfig) -> str:
 
 # settings that say where a run goes, how it is launched and how often it logs and checkpoints, not what it
 # computes: a resumed run may change them
-PLACEMENT_KEYS = ("run_dir", "run_name", "resume", "output_root", "launcher", "train.log_every",
-                  "train.checkpoint_every", "base_row", "study")
+PLACEMENT_KEYS = ("run_dir", "run_name", "resume", "output_root", "launcher", "train.log_every", "train.log_with",
+                  "train.checkpoint_every", "eval.harness.save_samples", "base_row", "study")
 
 
 def _results_part(cfg: DictConfig) -> dict:

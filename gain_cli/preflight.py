@@ -9,6 +9,7 @@ and ``gain study`` on each composed run config, after ``compose_config`` has che
   the hub is offline;
 * the ``eval.harness.tasks`` names exist (local tasks, task files, lm-eval's index);
 * ``domains.source=files``: every domain's two files exist;
+* ``train.log_with`` names trackers Accelerate knows whose packages are installed;
 * the run directory is not a file and can be created.
 
 What only reading can show (a domain file that is not UTF-8, a split too short for one block) is found while the
@@ -24,6 +25,7 @@ from omegaconf import DictConfig
 
 from gain_cli.errors import GainError
 from gain_cli.models.loading import hub_offline
+from gain_cli.training.trackers import requested_trackers
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -35,6 +37,7 @@ def check_run(cfg: DictConfig) -> None:
     check_sequence_lengths(cfg)
     _check_harness(cfg)
     check_domain_files(cfg.domains)
+    requested_trackers(cfg.train)
     check_run_location(cfg)
 
 

@@ -39,6 +39,7 @@ from gain_cli import faults
 from gain_cli.config import config_differences, config_hash, to_yaml
 from gain_cli.errors import GainError
 from gain_cli.io import atomic_save_safetensors, atomic_write_json, atomic_write_text, read_json
+from gain_cli.progress import Phase, RunClock
 from gain_cli.reporting.matrices import collect_rows, finished_stages  # noqa: F401  (the run directory's rows)
 from gain_cli.training.sharding import sharding_mode
 
@@ -147,9 +148,14 @@ def write_matrices(run_dir: Path, domains: list[str]) -> None:
     labels = [r["row"] for r in rows]
     write_matrix(run_dir, "ppl_matrix", "ppl", domains, labels, [[r["ppl"][d] for d in domains] for r in rows])
     tasks = list(rows[0].get("harness", {}) or {})
-    if tasks:
-        write_matrix(run_dir, "harness_matrix", "acc", tasks, labels,
-                     [[(r.get("harness") or {}).get(t, {}).get("acc", float("nan")) for t in tasks] for r in rows])
+    if not tasks:
+        return
+    from gain_cli.reporting.matrices import HARNESS_METRICS, harness_matrix_name
+
+    for metric in HARNESS_METRICS:  # acc always; acc_stderr, acc_norm, acc_norm_stderr where a task reports them
+        if metric == "acc" or any(metric in ((r.get("harness") or {}).get(t) or {}) for r in rows for t in tasks):
+            write_matrix(run_dir, harness_matrix_name(metric), metric, tasks, labels,
+                         [[(r.get("harness") or {}).get(t, {}).get(metric, float("nan")) for t in tasks] for r in rows])
 
 
 def _check_compile(cfg: DictConfig, device) -> None:
@@ -195,6 +201,10 @@ class Experiment:
             for d in self.domains:  # every training split read now: a bad file is refused before the run starts
                 self.data.blocks(d, "train", int(cfg.train.seq_len))
         self.param_bytes_per_process = None
+        self.trackers = None  # train.log_with (gain_cli.training.trackers), opened by run_experiment
+        self.clock = RunClock(int(cfg.train.steps))  # what each phase cost so far: the time left
+        self.rows: tuple[int, int] | None = None  # (rows done, rows in all), kept by _run_rows
+        self.harness_on = bool((cfg.eval.get("harness") or {}).get("enabled"))
         self.engine = None  # train.sharding=zero3: the run's DeepSpeed engine
         if self.sharded:  # outside local_main_process_first: sharding is a collective of all processes
             self._shard()
@@ -236,6 +246,23 @@ class Experiment:
             self.console.print(msg)
 
     # -- evaluation --
+    def row_title(self, row: str) -> str:
+        """``row 0 (base model)`` or ``stage K/T <domain>`` (progress lines)."""
+        if row == "base":
+            return "row 0 (base model)"
+        k, _, domain = row.partition(":")
+        return f"stage {k.split('_')[1]}/{len(self.domains)} {domain}"
+
+    def phase(self, row: str, what: str, total: int | None = None, unit: str = "", **fields) -> Phase:
+        """One phase of a row (train, perplexity, lm-eval) under the run's own bar (rows done, time left)."""
+        overall = None
+        if self.rows is not None:
+            done, rows_total = self.rows
+            overall = (f"run · {self.clock.eta(done, rows_total, len(self.domains) - max(done - 1, 0), self.harness_on)}",
+                       done, rows_total)
+        return Phase(self.console if self.is_main else None, f"{self.row_title(row)} · {what}", total, unit,
+                     overall, **fields)
+
     def evaluate(self, row: str, model=None) -> dict[str, Any]:
         from gain_cli.evaluation.perplexity import evaluate_blocks
 
@@ -243,21 +270,27 @@ class Experiment:
         # block_nll: the NLL sum of each validation block (eval_tokens / blocks predicted tokens each), kept for
         # the confidence intervals of every perplexity and metric (gain_cli.reporting.uncertainty)
         out: dict[str, Any] = {"row": row, "ppl": {}, "loss": {}, "eval_tokens": {}, "block_nll": {}}
-        t0 = time.perf_counter()
-        for d in self.domains:
-            faults.point(f"eval.{row.split(':')[0]}.{d}")
-            r = evaluate_blocks(model, self.eval_blocks[d], int(self.cfg.eval.batch_size), self.accelerator,
-                                compile=bool(self.cfg.eval.get("compile", False)))
-            out["ppl"][d], out["loss"][d], out["eval_tokens"][d] = r.ppl, r.loss, r.tokens
-            out["block_nll"][d] = r.block_nll
-        out["eval_seconds"] = round(time.perf_counter() - t0, 3)
+        with self.phase(row, "perplexity", len(self.domains), "domains") as ph:
+            for d in self.domains:
+                faults.point(f"eval.{row.split(':')[0]}.{d}")
+                r = evaluate_blocks(model, self.eval_blocks[d], int(self.cfg.eval.batch_size), self.accelerator,
+                                    compile=bool(self.cfg.eval.get("compile", False)))
+                out["ppl"][d], out["loss"][d], out["eval_tokens"][d] = r.ppl, r.loss, r.tokens
+                out["block_nll"][d] = r.block_nll
+                ph.update(advance=1)
+        out["eval_seconds"] = round(ph.seconds, 3)
+        self.clock.record("perplexity", ph.seconds)
         harness_cfg = self.cfg.eval.get("harness")
         if harness_cfg is not None and harness_cfg.get("enabled"):
-            out["harness"] = self._harness(model, harness_cfg, row)
+            tasks = ", ".join(str(t) for t in harness_cfg.get("tasks") or [])
+            with self.phase(row, f"lm-eval ({tasks})") as ph:
+                out["harness"] = self._harness(model, harness_cfg, row)
+            out["harness_seconds"] = round(ph.seconds, 3)
+            self.clock.record("lm-eval", ph.seconds)
         return out
 
     def _harness(self, model, harness_cfg, row: str) -> dict[str, Any]:
-        from gain_cli.evaluation.harness import run_harness
+        from gain_cli.evaluation.harness import LM_EVAL_DIR, run_harness
 
         result: dict[str, Any] = {}
         if self.is_main or self.sharded:
@@ -266,7 +299,8 @@ class Experiment:
             work = self.run_dir / "harness_work"
             if not self.is_main:
                 work = work / f"process_{self.accelerator.process_index}"
-            result = run_harness(model, self.tokenizer, OmegaConf.to_container(harness_cfg, resolve=True), work)
+            keep = self.row_dir(row) / LM_EVAL_DIR if self.is_main else None  # lm-eval's own results files
+            result = run_harness(model, self.tokenizer, OmegaConf.to_container(harness_cfg, resolve=True), work, keep)
         if self.accelerator.num_processes > 1:
             from accelerate.utils import broadcast_object_list
 
@@ -274,6 +308,10 @@ class Experiment:
             broadcast_object_list(box, from_process=0)
             result = box[0]
         return result
+
+    def row_dir(self, row: str) -> Path:
+        """Where a row's files go: ``base/`` for row 0, ``stages/stage_K/`` for ``stage_K:<domain>``."""
+        return self.run_dir / "base" if row == "base" else self.stage_dir(int(row.split(":")[0].split("_")[1]))
 
     # -- stages --
     def stage_dir(self, k: int) -> Path:
@@ -308,6 +346,7 @@ class Experiment:
             if self.is_main:
                 with open(log_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(rec) + "\n")
+            self.trackers.train_step(rec)
 
         from gain_cli.training.checkpoint import StageCheckpoints
 
@@ -502,6 +541,9 @@ def run_experiment(cfg: DictConfig, console=None, on_event: Callable[[str, dict]
         if exp.is_main:
             atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
             atomic_write_json(run_dir / "run_info.json", run_info(cfg, acc, "running", started, exp))
+        from gain_cli.training.trackers import Trackers
+
+        exp.trackers = Trackers(acc, cfg, run_dir)
         try:
             _run_rows(exp, cfg, console, emit)
         except BaseException as e:  # the run stops here: run_info.json says so (a SIGKILL leaves "running")
@@ -510,6 +552,8 @@ def run_experiment(cfg: DictConfig, console=None, on_event: Callable[[str, dict]
                 info = {**run_info(cfg, acc, status, started, exp), **({"error": str(e)} if status == "failed" else {})}
                 atomic_write_json(run_dir / "run_info.json", info)
             raise
+        finally:
+            exp.trackers.close()
         if exp.is_main:
             atomic_write_json(run_dir / "run_info.json", run_info(cfg, acc, "complete", started, exp))
             _write_run_report(run_dir, exp)
@@ -518,13 +562,18 @@ def run_experiment(cfg: DictConfig, console=None, on_event: Callable[[str, dict]
 
 def _run_rows(exp: Experiment, cfg: DictConfig, console, emit: Callable) -> None:
     """Every row of the matrices not written yet: the base model's, then each stage's (train, evaluate)."""
-    from gain_cli.training.progress import StageProgress
-
     run_dir, acc = exp.run_dir, exp.accelerator
     # decided by the main process (other machines may not see the run directory)
     done, base_done = on_main_shared(acc, lambda: (finished_stages(run_dir), (run_dir / "base" / "metrics.json").is_file()))
     if (exp.is_main or exp.sharded) and len(done) < len(exp.domains):  # sharded: its forwards need every process
         exp.say(estimate_runtime(exp, len(exp.domains) - len(done), base_missing=not base_done))
+    exp.rows = (len(done) + int(base_done), len(exp.domains) + 1)
+
+    def row_finished() -> None:
+        rows_done, rows_total = exp.rows[0] + 1, exp.rows[1]
+        exp.rows = (rows_done, rows_total)
+        exp.say(exp.clock.line(rows_done, rows_total, len(exp.domains) - (rows_done - 1), exp.harness_on))
+
     if done:
         exp.say(f"resuming {run_dir}: stages 1..{done[-1]} finished, rebuilding them from their saved states")
         exp.rebuild(done[-1])
@@ -538,6 +587,8 @@ def _run_rows(exp: Experiment, cfg: DictConfig, console, emit: Callable) -> None
         if exp.is_main:
             atomic_write_json(run_dir / "base" / "metrics.json", row)
             write_matrices(run_dir, exp.domains)
+        exp.trackers.row(0, row)
+        row_finished()
         emit("row", row)
     acc.wait_for_everyone()
     for k, domain in enumerate(exp.domains, 1):
@@ -548,9 +599,11 @@ def _run_rows(exp: Experiment, cfg: DictConfig, console, emit: Callable) -> None
             exp.say(f"stage {k}/{len(exp.domains)} {domain}: trained before the run stopped, applying its saved state")
             exp.apply_trained_stage(k)
         else:
-            with StageProgress(console if exp.is_main else None, k, len(exp.domains), domain,
-                               int(cfg.train.steps)) as prog:
-                info = exp.train_stage(k, domain, prog.update)
+            with exp.phase(f"stage_{k}:{domain}", "train", int(cfg.train.steps), "steps", loss="-",
+                           **{"tok/s": "-"}) as prog:
+                info = exp.train_stage(k, domain, lambda step, total, loss, tps: prog.update(
+                    step, loss=f"{loss:.3f}", **{"tok/s": f"{tps:,.0f}"}))
+            exp.clock.record("train", float(info["train"]["seconds"]), int(info["train"]["steps"]))
         row = exp.evaluate(f"stage_{k}:{domain}")
         metrics = {**info, **row}
         if exp.is_main:
@@ -559,6 +612,8 @@ def _run_rows(exp: Experiment, cfg: DictConfig, console, emit: Callable) -> None
             exp.say(f"stage {k}/{len(exp.domains)} {domain}: own-domain PPL {row['ppl'][domain]:.3f}, "
                     f"loss {info['train']['first_loss']:.3f} → {info['train']['final_loss']:.3f}, "
                     f"{info['train']['tokens_per_s']:.0f} tok/s")
+        exp.trackers.row(k, row, domain)
+        row_finished()
         emit("row", metrics)
         acc.wait_for_everyone()
 
@@ -603,9 +658,11 @@ def estimate_runtime(exp: Experiment, stages_left: int, base_missing: bool) -> s
     train_tokens = stages_left * int(cfg.train.steps) * int(cfg.train.batch_size) * int(cfg.train.get("grad_accum", 1)) \
         * int(cfg.train.seq_len)
     seconds = sweeps * eval_tokens / fwd_tps + train_tokens * 3.0 / fwd_tps
+    step_tokens = int(cfg.train.batch_size) * int(cfg.train.get("grad_accum", 1)) * int(cfg.train.seq_len)
+    exp.clock.guess = {"step": step_tokens * 3.0 / fwd_tps, "perplexity": eval_tokens / fwd_tps}  # until measured
     return (f"estimate: ~{seconds / 60:.1f} min for {stages_left} stage(s) and {sweeps} evaluation sweep(s) "
             f"(forward measured at {fwd_tps:,.0f} tok/s; a training token assumed to cost 3 forward tokens; "
-            "lm-eval tasks not included)")
+            "lm-eval measured on the first row; the time left is updated after every row)")
 
 
 def _write_run_report(run_dir: Path, exp: Experiment) -> None:
@@ -613,4 +670,6 @@ def _write_run_report(run_dir: Path, exp: Experiment) -> None:
         from gain_cli.reporting.report import write_report
     except ImportError:
         return
-    write_report([run_dir], run_dir / "report", "md")
+    # PNG only at the end of every run (about a second less per figure); `gain report RUN --out DIR` writes the
+    # same figures as SVG and PDF too, for papers
+    write_report([run_dir], run_dir / "report", "md", figure_formats=("png",))

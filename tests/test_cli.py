@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from gain_cli.cli import app
 
 runner = CliRunner()
-COMMANDS = ["run", "eval", "merge", "report", "data", "info"]
+COMMANDS = ["run", "eval", "merge", "export", "report", "data", "info"]
 
 
 def test_help_lists_commands():
@@ -176,3 +176,40 @@ def test_demo_and_study_check_every_run_before_the_first_starts(args, tmp_path, 
     assert "eval.harness.tasks: unknown task 'hellaswagg'" in " ".join(res.output.split())
     assert "Traceback" not in res.output
     assert not (tmp_path / "runs").exists()
+
+
+def test_version_and_completion():
+    import importlib.metadata as md
+
+    from gain_cli.cli import complete_override
+
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.strip() == f"gain {md.version('gain-cli')}"
+    assert "--install-completion" in runner.invoke(app, ["--help"]).output
+    assert complete_override("meth") == ["method="]
+    assert complete_override("method=gain") == ["method=gain_attn", "method=gain_ffn"]
+    assert "recipe=tiny_8domains" in complete_override("recipe=tiny")
+
+
+def test_run_help_lists_config_groups_and_one_example_per_line():
+    from gain_cli.config import GROUPS, group_choices, recipe_choices
+
+    out = runner.invoke(app, ["run", "--help"]).output
+    lines = [ln.strip() for ln in out.splitlines()]
+    assert "gain run recipe=tiny_8domains method=lora train.steps=20 run_name=try1" in lines
+    assert any(ln.startswith("gain run -m recipe=tiny_8domains") for ln in lines)
+    for group in GROUPS:
+        assert any(ln.startswith(group) and ", ".join(group_choices(group)) in ln for ln in lines), group
+    assert ", ".join(recipe_choices()) in out
+
+
+def test_a_sweep_ends_with_the_comparison_of_its_runs(tmp_path):
+    res = runner.invoke(app, ["run", "-m", "recipe=tiny_8domains", "method=gain_ffn,lora", "domains.sequence=[dna,code]",
+                              "train.steps=4", "eval.max_blocks=2", "eval.harness.enabled=false",
+                              f"output_root={tmp_path}"])
+    assert res.exit_code == 0, res.output
+    reports = list((tmp_path / "tiny_8domains").glob("sweep-*/report.md"))
+    assert len(reports) == 1 and "forgetting metrics (runs as columns)" in res.output
+    text = reports[0].read_text()
+    assert "method-gain_ffn" in text and "method-lora" in text
+    assert (reports[0].parent / ".gain-output.json").is_file()

@@ -7,7 +7,8 @@ import math
 import pytest
 
 from gain_cli.errors import GainError
-from gain_cli.reporting.pareto import pareto_front, pareto_points, plot_pareto, write_pareto
+from gain_cli.reporting.pareto import differing_settings, pareto_front, pareto_points, plot_pareto, write_pareto
+from test_figures import drawn  # noqa: F401  (the fixture: the figures a report saves)
 
 
 def test_dominated_point_is_off_the_front():
@@ -32,14 +33,14 @@ def test_single_point_empty_and_non_finite():
     assert pareto_front([(100.0, math.nan), (1.0, 50.0)]) == [False, True]
 
 
-def _fake_run(root, name, values, method):
+def _fake_run(root, name, values, method, extra=()):
     rd = root / name
     rd.mkdir(parents=True)
     domains = ["a", "b", "c"][: len(values[0])]
     rows = ["base"] + [f"stage_{k}:{domains[k - 1]}" for k in range(1, len(values))]
     (rd / "ppl_matrix.json").write_text(json.dumps({"metric": "ppl", "domains": domains, "rows": rows,
                                                     "values": values}))
-    lines = ["method:"] + [f"  {k}: {v}" for k, v in method.items()] + ["seed: 0"]
+    lines = ["method:"] + [f"  {k}: {v}" for k, v in method.items()] + ["seed: 0", *extra]
     (rd / "config.yaml").write_text("\n".join(lines) + "\n")
     return rd
 
@@ -122,3 +123,47 @@ def test_bad_run_dirs(tmp_path):
         pareto_points([rd])
     with pytest.raises(GainError, match="no run directories"):
         pareto_points([])
+
+
+def _lora(tmp_path, name, lr, steps, run_name=None, seed_line=()):
+    base = [10.0, 20.0, 40.0]
+    extra = [f"train:\n  steps: {steps}\n  log_every: 5"] + ([f"run_name: {run_name}"] if run_name else [])
+    return _fake_run(tmp_path, name, [base, [8, 21, 41], [9, 15, 42], [10, 15, 30]],
+                     {"name": "lora", "kind": "lora", "lr": lr}, extra=[*extra, *seed_line])
+
+
+def test_runs_of_one_method_are_labelled_by_what_differs(tmp_path, drawn):
+    runs = [_lora(tmp_path, "a", 1e-4, 100), _lora(tmp_path, "b", 3e-4, 200), _lora(tmp_path, "c", 3e-4, 100),
+            _fake_run(tmp_path, "gain", [[10.0, 20.0, 40.0], [9, 20, 40], [9, 18, 40], [9, 18, 36]],
+                      {"name": "gain_ffn", "kind": "gain", "lr": 3e-3, "l2": 0.0})]
+    pts = pareto_points(runs)
+    assert [p["label"] for p in pts] == ["lora [steps 100, lr 0.0001]", "lora [steps 200, lr 0.0003]",
+                                         "lora [steps 100, lr 0.0003]", "gain_ffn"]   # a single run: unchanged
+    assert [p["method_label"] for p in pts] == ["lora", "lora", "lora", "gain_ffn"]
+    out = write_pareto(runs, tmp_path / "rep")
+    legend = [t.get_text() for t in drawn["pareto.png"].axes[0].get_legend().get_texts()]
+    assert legend[:4] == [p["label"] for p in pts] and legend[4] == "Pareto front"
+    notes = {t.get_text() for t in drawn["pareto.png"].axes[0].texts}
+    assert {"steps 100, lr 0.0001", "steps 200, lr 0.0003", "lr 0.003, λ 0"} <= notes
+    text = (out / "pareto.md").read_text()
+    assert "| a | lora [steps 100, lr 0.0001] |" in text and "| gain | gain_ffn |" in text
+    rows = {r["run"].rsplit("/", 1)[-1]: r for r in csv.DictReader((out / "pareto.csv").open())}
+    assert rows["b"]["setting"] == "steps 200, lr 0.0003" and rows["gain"]["setting"] == ""
+    for ext in ("png", "svg", "pdf"):
+        assert (out / f"pareto.{ext}").stat().st_size > 1000, ext
+
+
+def test_labels_when_configs_do_not_tell_runs_apart(tmp_path):
+    # only where the runs went (run_name, a placement key) and how often they logged differ: the directory names
+    a, b = _lora(tmp_path, "x1", 1e-4, 100, run_name="x1"), _lora(tmp_path, "x2", 1e-4, 100, run_name="x2")
+    assert [p["label"] for p in pareto_points([a, b])] == ["lora [x1]", "lora [x2]"]
+    # a setting present in one config only counts as differing; more than four differences are cut short
+    cfgs = [{"method": {"name": "l2", "lr": 1e-4}, "seed": 0},
+            {"method": {"name": "l2", "lr": 2e-4, "lambda": 10.0}, "seed": 1, "train": {"steps": 5, "seq_len": 64}},
+            {"method": {"name": "l2"}, "run_dir": "/elsewhere", "train": {"log_every": 1}}]
+    assert differing_settings(cfgs) == ["train.steps", "method.lr", "method.lambda", "seed", "train.seq_len"]
+    c = _fake_run(tmp_path, "many", [[10.0, 20.0], [9, 20], [9, 18]], {"name": "lora", "lr": 1e-3, "r": 16},
+                  extra=["train:\n  steps: 7\n  seq_len: 32\n  batch_size: 4"])
+    d = _fake_run(tmp_path, "few", [[10.0, 20.0], [9, 20], [9, 18]], {"name": "lora", "lr": 1e-4, "r": 8})
+    assert [p["label"] for p in pareto_points([c, d])] == [
+        "lora [steps 7, lr 0.001, r 16, batch_size 4, +1 more]", "lora [steps unset, lr 0.0001, r 8, batch_size unset, +1 more]"]

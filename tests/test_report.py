@@ -14,6 +14,7 @@ from gain_cli.reporting.matrices import load_run, write_matrix
 from gain_cli.reporting.metrics import compute_metrics
 from gain_cli.reporting.report import write_report
 from gain_cli.reporting.tables import format_cell, metric_table, print_run, to_latex, to_markdown
+from test_figures import drawn  # noqa: F401  (the fixture: the figures a report saves)
 
 DOMAINS = ["med", "law", "code"]
 GAIN = [[10.0, 20.0, 40.0],
@@ -61,6 +62,9 @@ def test_report_files(runs, tmp_path, fmt, table_file):
     pngs = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", text)
     assert set(pngs) == {"figures/heatmap_gain_ffn.png", "figures/heatmap_lora.png", "figures/boolq_curve.png"}
     assert all(_is_png(out / p) for p in pngs)
+    for p in pngs:   # every figure also for papers, next to its PNG
+        assert (out / p).with_suffix(".pdf").read_bytes()[:5] == b"%PDF-", p
+        assert b"<svg" in (out / p).with_suffix(".svg").read_bytes()[:500], p
     assert "## Sign conventions" in text and f"({table_file})" in text
     assert not list(out.rglob("*.tmp"))
     if fmt == "latex":
@@ -173,3 +177,40 @@ def test_comparison_in_an_80_column_terminal_keeps_every_number_whole(runs):
     bwt = header.index("BWT ↑")
     line = next(x for x in out.splitlines() if "BWT" in x)
     assert [c.strip() for c in line.strip("│ ").split("│")[1:]] == [format_cell(r[bwt], 3) for r in rows]
+
+
+# LoRA with a wider range: code after stage 3 at 18.8 vs 10 → +88 % (GAIN's largest |change| is 40 %)
+LORA_WIDE = [row[:] for row in LORA[:3]] + [[18.8, 26.0, 29.0]]
+
+
+def test_two_methods_share_one_symmetric_colour_scale(tmp_path, drawn):
+    runs = [make_run(tmp_path / "runs", "gain_ffn", GAIN), make_run(tmp_path / "runs", "lora", LORA_WIDE)]
+    out = tmp_path / "rep"
+    text = write_report(runs, out, "md").read_text()
+    norms = {n: drawn[f"heatmap_{n}.png"].axes[0].images[0].norm for n in ("gain_ffn", "lora")}
+    for n, norm in norms.items():   # the limits the images were drawn with: the same, ±max over both runs
+        assert (norm.vmin, norm.vcenter, norm.vmax) == pytest.approx((-88.0, 0.0, 88.0)), n
+    cbars = [fig.axes[1].get_ylim() for n, fig in drawn.items() if n.startswith("heatmap_")]
+    assert len(cbars) == 2 and all(c == pytest.approx((-88.0, 88.0)) for c in cbars)   # and their colour bars
+    assert json.loads((out / "metrics.json").read_text())["figures"]["heatmap_colour_limits_pct"] == \
+        pytest.approx([-88.0, 88.0])
+    assert "One colour scale for all runs: ±88.0 %" in text
+
+
+def test_identical_curves_stay_visible_in_the_report(tmp_path, drawn):
+    same = [0.70, 0.70, 0.69, 0.69]
+    runs = [make_run(tmp_path / "runs", "gain_ffn", GAIN, boolq=same), make_run(tmp_path / "runs", "lora", LORA, boolq=same)]
+    write_report(runs, tmp_path / "rep", "md")
+    ax = drawn["boolq_curve.png"].axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["gain_ffn", "lora (identical to gain_ffn)"]
+    a, b = ax.get_lines()
+    assert (a.get_linestyle(), a.get_marker()) != (b.get_linestyle(), b.get_marker())
+    assert a.get_linewidth() > b.get_linewidth()
+
+
+def test_figure_formats_can_be_chosen(runs, tmp_path):
+    out = tmp_path / "rep"
+    text = write_report(runs, out, "md", figure_formats=("png",)).read_text()
+    assert sorted(p.suffix for p in (out / "figures").iterdir()) == [".png"] * 3
+    assert "as .svg" not in text
+    assert json.loads((out / "metrics.json").read_text())["figures"]["formats"] == ["png"]

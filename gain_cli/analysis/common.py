@@ -114,11 +114,12 @@ def plt():
 
 
 def save_figure(fig, out_dir: Path, name: str, data) -> Path:
-    """Write ``<name>.png`` and ``<name>.json`` (the plotted numbers) atomically; return the PNG path."""
-    from gain_cli.io import atomic_write_json, atomic_write_with
+    """Write ``<name>.png`` (also as ``.svg`` and ``.pdf``: ``reporting.figures.save_figure``) and ``<name>.json``
+    (the plotted numbers) atomically; return the PNG path."""
+    from gain_cli.io import atomic_write_json
+    from gain_cli.reporting.figures import save_figure as save
 
-    png = Path(out_dir) / f"{name}.png"
-    atomic_write_with(png, lambda p: fig.savefig(p, format="png", dpi=120))
+    png = save(fig, Path(out_dir) / f"{name}.png", dpi=120, bbox_inches=None)
     plt().close(fig)
     atomic_write_json(Path(out_dir) / f"{name}.json", data)
     return png

@@ -89,6 +89,7 @@ def ensure_domains(domains_cfg: Mapping[str, Any], cache_dir: str | Path, log=pr
         if unknown:
             raise unknown_choice("domain", unknown[0], GENERATORS)
         if missing:
+            log(f"generating {len(missing)} tiny domain(s) in {root} (once; later runs reuse them)")
             build_tiny(root, [d.name for d in missing])
     elif source == "demo":
         from gain_cli.data.demo import is_complete

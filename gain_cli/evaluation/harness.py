@@ -58,6 +58,7 @@ HARNESS_DEFAULTS: dict[str, Any] = {
     "num_fewshot": 0,
     "bootstrap_iters": 1000,  # only for bootstrapped stderrs (e.g. perplexity); acc has a closed form
     "progress": False,        # lm-eval / datasets progress bars
+    "save_samples": False,    # also keep lm-eval's per-item samples files next to each row's results file
 }
 
 # lm-eval messages that are expected every time a model object is passed in; not worth a warning per stage.
@@ -159,6 +160,7 @@ def resolve_harness_cfg(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
     out["enabled"] = bool(out["enabled"])
     out["boolq_balanced"] = bool(out["boolq_balanced"])
     out["progress"] = bool(out["progress"])
+    out["save_samples"] = bool(out["save_samples"])
     out["bootstrap_iters"] = int(out["bootstrap_iters"])
     return out
 
@@ -621,20 +623,49 @@ def quiet_git_probe():
         evaluator.get_git_commit_hash, logger_utils.get_git_commit_hash = saved
 
 
+LM_EVAL_DIR = "lm_eval"  # a row's lm-eval output, in the layout of lm-eval's own --output_path
+
+
+def save_lm_eval_results(results: Mapping[str, Any], out_dir: str | Path, samples: bool = False) -> Path:
+    """Write lm-eval's results (and, with ``samples``, its per-item samples) into ``out_dir`` with lm-eval's own
+    ``EvaluationTracker``: ``results_<date>.json`` (keys ``results``, ``configs``, ``versions``, ``n-shot``,
+    ``n-samples``, ``higher_is_better``, ``task_hashes``, ...) and ``samples_<task>_<date>.jsonl``, the files
+    ``lm_eval --output_path`` writes and lm-eval's tooling reads. Returns the results file."""
+    import copy
+
+    from lm_eval.loggers import EvaluationTracker
+
+    out_dir = Path(out_dir)
+    results = copy.deepcopy(dict(results))
+    per_item = results.pop("samples", None) or {}
+    tracker = EvaluationTracker(output_path=str(out_dir))
+    with _quiet_lmeval(False):
+        tracker.save_results_aggregated(results=results, samples=per_item if samples else None)
+        if samples:
+            for task, items in per_item.items():
+                tracker.save_results_samples(task_name=task, samples=copy.deepcopy(items))
+    written = sorted(out_dir.rglob("results_*.json"), key=lambda p: p.stat().st_mtime)
+    if not written:
+        raise GainError(f"lm-eval did not write its results file under {out_dir} (is the directory writable?)")
+    return written[-1]
+
+
 def run_harness(model: torch.nn.Module, tokenizer: Any, cfg: Mapping[str, Any] | None,
-                work_dir: str | Path) -> dict[str, dict[str, Any]]:
+                work_dir: str | Path, results_dir: str | Path | None = None) -> dict[str, dict[str, Any]]:
     """Evaluate the in-memory model on ``cfg["tasks"]`` with lm-eval; ``{task: {"acc", "acc_stderr", "n", "per_item",
     ...}}``.
 
     ``per_item`` is the list of per-doc ``acc`` values (0.0/1.0) in doc order (lm-eval's logged samples; its mean is
     ``acc`` and its length ``n``), for confidence intervals by bootstrap over items. ``cfg`` is the eval config's
     ``harness`` block (see HARNESS_DEFAULTS); ``work_dir`` receives the local task YAML, the normalised BoolQ file and
-    its datasets cache. Returns {} when disabled. The model's train/eval modes, the global random streams and the
-    weights are as before.
+    its datasets cache; ``results_dir`` (when given) lm-eval's own results files (``save_lm_eval_results``). Returns
+    {} when disabled. The model's train/eval modes, the global random streams and the weights are as before.
     """
     results = harness_results(model, tokenizer, cfg, work_dir, log_samples=True)
     if results is None:
         return {}
+    if results_dir is not None:
+        save_lm_eval_results(results, results_dir, samples=resolve_harness_cfg(cfg)["save_samples"])
     out: dict[str, dict[str, Any]] = summarize_results(results)
     for task, row in out.items():
         items = per_item_acc(results, task)

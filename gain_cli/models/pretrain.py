@@ -60,9 +60,12 @@ def pretrained_tiny(model, tokenizer, model_cfg: Mapping[str, Any], cache_dir: s
     opt = torch.optim.AdamW(model.parameters(), lr=float(pcfg.get("lr", 3e-3)), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps))
     model.train()
-    with torch.random.fork_rng(devices=[]):
+    from gain_cli.progress import Phase, default_console
+
+    with torch.random.fork_rng(devices=[]), Phase(default_console(), f"pretraining {model_cfg.get('name', 'the model')} "
+                                                  "(once; cached for later runs)", steps, "steps", loss="-") as ph:
         torch.manual_seed(PRETRAIN_SEED)
-        for _ in range(steps):
+        for step in range(steps):
             idx = torch.randint(0, n, (bs,), generator=g)
             loss = model(input_ids=blocks[idx], labels=blocks[idx]).loss
             loss.backward()
@@ -70,6 +73,8 @@ def pretrained_tiny(model, tokenizer, model_cfg: Mapping[str, Any], cache_dir: s
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
+            if step % 10 == 9 or step == steps - 1:
+                ph.update(step + 1, loss=f"{float(loss.detach()):.3f}")
     model.eval()
     state = {k: v for k, v in model.state_dict().items()}
     seen, unique = set(), {}

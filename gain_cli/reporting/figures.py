@@ -1,21 +1,36 @@
-"""Report figures (PNG): pure functions ``(data, path) -> path``.
+"""Report figures: pure functions ``(data, path) -> path``, each written as PNG, SVG and PDF.
 
 Built on ``matplotlib.figure.Figure`` with the Agg canvas directly (no pyplot, no global backend
-switch, no display needed); every file is written atomically.
+switch, no display needed); every file is written atomically by :func:`save_figure`, the one save
+helper of the reports (``gain report``, ``gain report pareto``, the study report and the paper's figures):
+the path given (``.png``, the one the Markdown embeds) and the same name as ``.svg`` and ``.pdf`` for papers
+(``formats``; default :data:`FORMATS`).
+
+Comparable figures: heatmaps of one metric share one symmetric colour scale (:func:`symmetric_limits` over all
+of a report's matrices, passed as ``vmax``); curves of several runs get distinct markers, line styles and widths
+(:func:`curve_styles`), and a curve equal to an earlier one says so in the legend ("(identical to X)").
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from gain_cli.io import atomic_write_with
 
 DPI = 120
+#: formats every figure is written in (the path's own suffix first; the others next to it, same name)
+FORMATS: tuple[str, ...] = ("png", "svg", "pdf")
+#: curves closer than this (accuracy fractions) count as identical
+IDENTICAL_ATOL = 1e-9
+# fonts embedded as TrueType in PDF (journals refuse Type 3), no dates and fixed ids: a re-run writes the same bytes
+_RC = {"pdf.fonttype": 42, "svg.fonttype": "path", "svg.hashsalt": "gain"}
+_METADATA = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}
 
 
 def _new_figure(width: float, height: float):
@@ -27,18 +42,70 @@ def _new_figure(width: float, height: float):
     return fig
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
-    return atomic_write_with(path, lambda p: fig.savefig(p, format="png", dpi=DPI, bbox_inches="tight"))
+def save_figure(fig, path: str | os.PathLike, formats: Sequence[str] | None = None, dpi: float = DPI,
+                bbox_inches: str | None = "tight") -> Path:
+    """Write ``fig`` to ``path`` (format from its suffix, normally ``.png``) and, for every other format in
+    ``formats`` (default :data:`FORMATS`), to the same name with that suffix; each file atomically. Returns ``path``."""
+    import matplotlib
+
+    path = Path(path)
+    primary = path.suffix.lstrip(".").lower() or "png"
+    wanted = [primary] + [f.lower().lstrip(".") for f in (FORMATS if formats is None else formats)
+                          if f.lower().lstrip(".") != primary]
+    with matplotlib.rc_context(_RC):
+        for fmt in dict.fromkeys(wanted):
+            target = path if fmt == primary else path.with_suffix(f".{fmt}")
+            atomic_write_with(target, lambda p, fmt=fmt: fig.savefig(p, format=fmt, dpi=dpi, bbox_inches=bbox_inches,
+                                                                     metadata=_METADATA.get(fmt)))
+    return path
+
+
+
+def symmetric_limits(matrices: Iterable[Any], scale: float = 100.0) -> tuple[float, float]:
+    """The one colour scale of several heatmaps of one metric: ``(-m, m)`` with m = max |finite value| · ``scale``
+    over all ``matrices`` (default: fractions shown in %); ``(-1, 1)`` when there is no non-zero finite value."""
+    m = 0.0
+    for a in matrices:
+        a = np.abs(scale * np.asarray(a, dtype=float))
+        a = a[np.isfinite(a)]
+        if a.size:
+            m = max(m, float(a.max()))
+    m = m if m > 0 else 1.0
+    return -m, m
+
+
+def format_limit(v: float) -> str:
+    """A colour-scale end in % as the heatmaps annotate their cells (1 decimal from 10 %, else 2)."""
+    return f"{v:.{1 if abs(v) >= 10 else 2}f}"
+
+
+def curve_styles(curves: Mapping[str, Sequence[float]]) -> list[dict[str, Any]]:
+    """Matplotlib keyword arguments for each curve, in order: a distinct marker and line style per curve, later
+    curves drawn thinner with smaller markers on top of earlier ones (so equal curves all stay visible), and the
+    label of a curve equal to an earlier one ending in "(identical to <earlier label>)"."""
+    markers, lines = "osD^v<>ph*", ("-", "--", "-.", ":")
+    names = list(curves)
+    values = [np.asarray(curves[n], dtype=float) for n in names]
+    out = []
+    for i, name in enumerate(names):
+        twin = next((names[j] for j in range(i) if values[j].shape == values[i].shape
+                     and np.allclose(values[j], values[i], rtol=0.0, atol=IDENTICAL_ATOL, equal_nan=True)), None)
+        out.append({"label": name if twin is None else f"{name} (identical to {twin})",
+                    "marker": markers[i % len(markers)], "linestyle": lines[i % len(lines)],
+                    "linewidth": max(0.8, 2.4 - 0.5 * i), "markersize": max(3.5, 8.0 - 2.0 * i), "zorder": 2 + i})
+    return out
 
 
 def relative_change_heatmap(rel: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[str],
                             path: str | os.PathLike, title: str = "",
-                            outline: Sequence[tuple[int, int]] = (), vmax: float | None = None) -> Path:
+                            outline: Sequence[tuple[int, int]] = (), vmax: float | None = None,
+                            formats: Sequence[str] | None = None) -> Path:
     """Heatmap of a relative-change matrix (fractions; shown as annotated %), diverging colormap centred at 0.
 
     Blue = lower PPL than the reference (better), red = higher (worse); rows = stages, columns = domains.
     ``outline``: (row, column) cells framed in black, e.g. each stage's own domain. ``vmax``: the colour scale's
-    end in % (give several heatmaps the same one to compare their colours); default: this matrix's largest |value|.
+    end in %, the scale being −vmax … +vmax (give several heatmaps the same one, ``symmetric_limits(all)[1]``, to
+    compare their colours); default: this matrix's own largest |value|.
     """
     from matplotlib.colors import TwoSlopeNorm
     from matplotlib.patches import Rectangle
@@ -48,10 +115,7 @@ def relative_change_heatmap(rel: np.ndarray, row_labels: Sequence[str], col_labe
         raise ValueError(f"heatmap data of shape {rel.shape} does not match {len(row_labels)} row and "
                          f"{len(col_labels)} column labels")
     pct = 100.0 * rel
-    finite = pct[np.isfinite(pct)]
-    if vmax is None:
-        vmax = float(np.max(np.abs(finite))) if finite.size else 1.0
-    vmax = vmax if vmax > 0 else 1.0
+    vmax = symmetric_limits([rel])[1] if vmax is None else (float(vmax) if vmax > 0 else 1.0)
     decimals = 1 if vmax >= 10 else 2
     n_rows, n_cols = pct.shape
     fig = _new_figure(max(4.0, 1.0 + 0.9 * n_cols), max(2.2, 1.0 + 0.5 * n_rows))
@@ -74,43 +138,44 @@ def relative_change_heatmap(rel: np.ndarray, row_labels: Sequence[str], col_labe
     cbar.set_label("PPL change vs base, % (negative = better)", fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path, formats)
 
 
 def harness_curve(curves: Mapping[str, Sequence[float]], path: str | os.PathLike, task: str = "boolq",
                   stage_labels: Sequence[str] | None = None,
-                  errors: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None) -> Path:
+                  errors: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+                  formats: Sequence[str] | None = None) -> Path:
     """Per-stage accuracy of one harness task, one line per method (x = 0 base, 1..T stages; y in %).
 
-    ``errors``: per method the (lower, upper) ends of each point's interval, as fractions like ``curves``: drawn as
-    error bars, and the methods are then spread a little along x so that equal curves stay visible."""
+    Styles from :func:`curve_styles`: equal curves stay visible (the later one thinner and dashed on top) and say
+    so in the legend. ``errors``: per method the (lower, upper) ends of each point's interval, as fractions like
+    ``curves``: drawn as error bars, and the methods are then spread a little along x."""
     if not curves:
         raise ValueError("no curves to plot")
     n = max(len(c) for c in curves.values())
     labels = list(stage_labels) if stage_labels is not None else ["base", *(str(k) for k in range(1, n))]
     fig = _new_figure(max(4.5, 1.5 + 0.6 * n), 3.2)
     ax = fig.add_subplot(1, 1, 1)
-    markers = "osD^v<>ph*"
     spread = 0.08 if errors else 0.0
-    for i, (label, curve) in enumerate(curves.items()):
+    for i, ((name, curve), style) in enumerate(zip(curves.items(), curve_styles(curves))):
         y = 100.0 * np.asarray(curve, dtype=float)
         x = np.arange(len(y)) + spread * (i - (len(curves) - 1) / 2)
-        if errors and label in errors:
-            lo, hi = (100.0 * np.asarray(e, dtype=float)[: len(y)] for e in errors[label])
-            ax.errorbar(x, y, yerr=[y - lo, hi - y], marker=markers[i % len(markers)], label=label, capsize=3)
+        if errors and name in errors:
+            lo, hi = (100.0 * np.asarray(e, dtype=float)[: len(y)] for e in errors[name])
+            ax.errorbar(x, y, yerr=[y - lo, hi - y], capsize=3, **style)
         else:
-            ax.plot(x, y, marker=markers[i % len(markers)], label=label)
+            ax.plot(x, y, **style)
     ax.set_xticks(range(n), labels=labels[:n], rotation=35 if n > 6 else 0, ha="right" if n > 6 else "center")
     ax.set_xlabel("after stage")
     ax.set_ylabel(f"{task} accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(f"{task} accuracy after each stage", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path, formats)
 
 
 def interval_bars(values: Mapping[str, Mapping[str, tuple[float, float, float]]], path: str | os.PathLike,
-                  ylabel: str, title: str = "") -> Path:
+                  ylabel: str, title: str = "", formats: Sequence[str] | None = None) -> Path:
     """Grouped bars with 95 % error bars: ``values[group][series] = (value, lo, hi)`` (e.g. group = metric,
     series = method); a line at 0."""
     if not values:
@@ -136,4 +201,4 @@ def interval_bars(values: Mapping[str, Mapping[str, tuple[float, float, float]]]
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path, formats)

@@ -9,7 +9,11 @@ model, row k the model after training stage k; a partial run has fewer than T+1 
 values are stored as the strings ``"nan"``, ``"inf"``, ``"-inf"`` (strict JSON); ``null`` reads as NaN.
 ``<run>/<name>.csv`` holds the same numbers: header ``row,<col1>,...``, one line per row.
 
-``load_run`` reads ``ppl_matrix.json`` (required), ``harness_matrix.json`` (optional),
+The harness matrices are ``harness_matrix`` (lm-eval's ``acc``) and, where a task reports them,
+``harness_matrix_acc_stderr``, ``harness_matrix_acc_norm`` and ``harness_matrix_acc_norm_stderr``; lm-eval's own
+results files of each row lie in ``base/lm_eval/`` and ``stages/stage_K/lm_eval/``.
+
+``load_run`` reads ``ppl_matrix.json`` (required), the harness matrices (optional),
 ``config.yaml`` and ``run_info.json`` (optional) into a :class:`RunResult`.
 """
 
@@ -32,6 +36,12 @@ from gain_cli.io import atomic_write_csv, atomic_write_json
 
 PPL_MATRIX = "ppl_matrix"
 HARNESS_MATRIX = "harness_matrix"
+HARNESS_METRICS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")  # lm-eval's names; one matrix each
+
+
+def harness_matrix_name(metric: str) -> str:
+    """``harness_matrix`` for acc (the main one), ``harness_matrix_<metric>`` for the others."""
+    return HARNESS_MATRIX if metric == "acc" else f"{HARNESS_MATRIX}_{metric}"
 BASE_ROW = "base"
 _STAGE_ROW = re.compile(r"^stage_(\d+)(?::(.*))?$")
 
@@ -148,6 +158,8 @@ class RunResult:
     rows: list[str]                # "base", "stage_1:d1", ...
     ppl: np.ndarray                # (len(rows), len(domains))
     harness: dict[str, np.ndarray] | None = None   # task -> accuracy per row (NaN where missing)
+    # lm-eval's other metrics: metric (acc_stderr, acc_norm, acc_norm_stderr) -> task -> value per row
+    harness_extra: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)   # run_info.json
 
@@ -264,16 +276,20 @@ def load_run(run_dir: str | os.PathLike) -> RunResult:
     mat = read_matrix(ppl_path)
     _check_row_labels(mat.rows, mat.columns, ppl_path)
 
-    harness = None
-    h_path = run_dir / f"{HARNESS_MATRIX}.json"
-    if h_path.is_file():
+    def harness_matrix(metric: str) -> dict[str, np.ndarray] | None:
+        h_path = run_dir / f"{harness_matrix_name(metric)}.json"
+        if not h_path.is_file():
+            return None
         h = read_matrix(h_path)
         n = len(mat.rows)
         if h.rows[:n] != mat.rows[: len(h.rows)] or len(h.rows) > n:
             raise GainError(f"{h_path}: its rows {h.rows} do not match the PPL matrix's rows {mat.rows}")
         pad = np.full((n - len(h.rows), len(h.columns)), np.nan)
         vals = np.vstack([h.values, pad])
-        harness = {task: vals[:, i].copy() for i, task in enumerate(h.columns)}
+        return {task: vals[:, i].copy() for i, task in enumerate(h.columns)}
+
+    harness = harness_matrix("acc")
+    extra = {m: v for m in HARNESS_METRICS[1:] if (v := harness_matrix(m)) is not None} if harness else {}
 
     config = _load_yaml(run_dir / "config.yaml")
     info = _load_info(run_dir / "run_info.json")
@@ -285,4 +301,4 @@ def load_run(run_dir: str | os.PathLike) -> RunResult:
     method = str(_get(config, "method.name") or info.get("method") or run_dir.name)
     return RunResult(path=run_dir, name=run_dir.name, method=method, recipe=pick("recipe", "recipe"),
                      model=pick("model.name", "model"), domains=mat.columns, rows=mat.rows, ppl=mat.values,
-                     harness=harness, config=config, info=info)
+                     harness=harness, harness_extra=extra, config=config, info=info)

@@ -6,8 +6,12 @@ Output directory::
     metrics.json               every metric of every run + the sign conventions (always)
     metrics.md | metrics.tex   summary + per-domain + harness tables in the chosen format
     metrics.csv                (--format csv) the summary table; metrics_<metric>.csv the per-domain ones
-    figures/heatmap_<run>.png  PPL change vs base per stage and domain, one per run
+    figures/heatmap_<run>.png  PPL change vs base per stage and domain, one per run, all on one colour scale
     figures/<task>_curve.png   per-stage accuracy of each harness task, one line per run
+    figures/*.svg, *.pdf       every figure also as SVG and PDF (``figure_formats``), next to its PNG
+
+The heatmaps share one symmetric colour scale, ±max |PPL change| over every run of the report
+(``figures.symmetric_limits``); ``metrics.json`` records it under ``figures.heatmap_colour_limits_pct``.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ from gain_cli.io import atomic_write_json, atomic_write_text
 from gain_cli.reporting import figures
 from gain_cli.reporting.matrices import RunResult, load_run
 from gain_cli.reporting.metrics import SIGN_CONVENTIONS, relative_change_matrix
-from gain_cli.reporting.tables import (DOMAIN_METRICS, domain_table, domain_table_title, harness_table,
-                                       harness_tasks, metric_table, run_labels, to_csv, to_latex, to_markdown)
+from gain_cli.reporting.tables import (DOMAIN_METRICS, domain_table, domain_table_title, harness_metrics,
+                                       harness_table, harness_tasks, metric_table, run_labels, to_csv, to_latex,
+                                       to_markdown)
 
 FORMATS = {"md": "md", "markdown": "md", "latex": "tex", "tex": "tex", "csv": "csv"}
 
@@ -56,13 +61,20 @@ def _tables(runs: Sequence[RunResult]):
     """(title, key, table) for the summary, each per-domain metric and each harness task."""
     out = [("Summary (methods as rows)", "summary", metric_table(runs))]
     out += [(domain_table_title(k), k, domain_table(runs, k)) for k in DOMAIN_METRICS]
-    out += [(f"{t} accuracy per stage (%)", f"{_slug(t)}_per_stage", harness_table(runs, t))
-            for t in harness_tasks(runs)]
+    titles = {"acc": "accuracy", "acc_stderr": "accuracy, lm-eval's standard error",
+              "acc_norm": "length-normalised accuracy", "acc_norm_stderr": "length-normalised accuracy, standard error"}
+    for t in harness_tasks(runs):
+        out += [(f"{t} {titles[m]} per stage (%)", f"{_slug(t)}_per_stage" + ("" if m == "acc" else f"_{m}"),
+                 harness_table(runs, t, m)) for m in harness_metrics(runs, t)]
     return out
 
 
-def write_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, fmt: str = "md") -> Path:
-    """Load the runs, write tables (``fmt``: md, latex or csv), metrics.json, figures and report.md; return report.md."""
+def write_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, fmt: str = "md",
+                 figure_formats: Sequence[str] | None = None) -> Path:
+    """Load the runs, write tables (``fmt``: md, latex or csv), metrics.json, figures and report.md; return report.md.
+
+    ``figure_formats``: the formats of every figure (default ``figures.FORMATS``: png, svg, pdf; the PNG is the one
+    report.md embeds)."""
     if fmt not in FORMATS:
         raise GainError(f"unknown report format '{fmt}' (valid: md, latex, csv)")
     ext = FORMATS[fmt]
@@ -74,6 +86,9 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = run_labels(runs)
     tables = _tables(runs)
+    # one colour scale for every heatmap of the report (the same metric: PPL change vs base)
+    rels = {lab: relative_change_matrix(r.ppl)[1:] for lab, r in zip(labels, runs) if r.stages_done > 0}
+    limits = figures.symmetric_limits(rels.values())
 
     # metrics.json: always
     atomic_write_json(out_dir / "metrics.json", {
@@ -82,6 +97,8 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
         "runs": [{"label": lab, "name": r.name, "path": str(r.path), "method": r.method, "model": r.model,
                   "recipe": r.recipe, "status": r.status, "rows": r.rows, "metrics": r.metrics.to_dict()}
                  for lab, r in zip(labels, runs)],
+        "figures": {"heatmap_colour_limits_pct": list(limits) if rels else None,
+                    "formats": list(figures.FORMATS if figure_formats is None else figure_formats)},
     })
 
     # tables in the chosen format
@@ -107,20 +124,21 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
     fig_dir = out_dir / "figures"
     heatmaps: list[tuple[str, str]] = []
     for lab, r in zip(labels, runs):
-        if r.stages_done == 0:
+        if lab not in rels:
             continue
-        rel = relative_change_matrix(r.ppl)[1:]
         rows = [f"{k}: {r.domains[k - 1]}" for k in range(1, r.stages_done + 1)]
-        p = figures.relative_change_heatmap(rel, rows, r.domains, fig_dir / f"heatmap_{_slug(lab)}.png",
+        p = figures.relative_change_heatmap(rels[lab], rows, r.domains, fig_dir / f"heatmap_{_slug(lab)}.png",
                                             title=f"{lab}: PPL change vs base (%)",
-                                            outline=[(i, i) for i in range(r.stages_done)])
+                                            outline=[(i, i) for i in range(r.stages_done)], vmax=limits[1],
+                                            formats=figure_formats)
         heatmaps.append((lab, p.relative_to(out_dir).as_posix()))
     curves: list[tuple[str, str]] = []
     n_rows = max(len(r.rows) for r in runs)
     stage_labels = ["base", *(f"{k}: {runs[0].domains[k - 1]}" for k in range(1, n_rows))]
     for task in harness_tasks(runs):
         data = {lab: r.harness[task][: len(r.rows)] for lab, r in zip(labels, runs) if r.harness and task in r.harness}
-        p = figures.harness_curve(data, fig_dir / f"{_slug(task)}_curve.png", task=task, stage_labels=stage_labels)
+        p = figures.harness_curve(data, fig_dir / f"{_slug(task)}_curve.png", task=task, stage_labels=stage_labels,
+                                  formats=figure_formats)
         curves.append((task, p.relative_to(out_dir).as_posix()))
 
     # report.md
@@ -133,12 +151,16 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
     if any(not r.complete for r in runs):
         md += ["", "Partial runs: their metrics use their last finished stage as the final one."]
     md += ["", "Tables: " + ", ".join(f"[{f}]({f})" for f in table_files) + ", [metrics.json](metrics.json).", ""]
+    others = [f for f in (figures.FORMATS if figure_formats is None else figure_formats) if f.lower() != "png"]
+    if others and (heatmaps or curves):
+        md += ["Every figure is also in `figures/` as " + " and ".join(f".{f}" for f in others) + " (same name).", ""]
     for title, _, tab in tables:
         md += [f"## {title}", "", to_markdown(tab)]
     if heatmaps:
         md += ["## PPL change vs base (heatmaps)", "",
                "Rows: after stage k (trained on the named domain); columns: evaluated domain; "
-               "blue = lower PPL than the base model (better), red = higher (worse); framed cells: each stage's own domain.", ""]
+               "blue = lower PPL than the base model (better), red = higher (worse); framed cells: each stage's own domain. "
+               f"One colour scale for all runs: ±{figures.format_limit(limits[1])} %.", ""]
         md += [f"### {lab}\n\n![{lab}: PPL change vs base]({rel})\n" for lab, rel in heatmaps]
     if curves:
         md += ["## Downstream accuracy per stage", ""]
@@ -148,7 +170,7 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
     groups = groups_of_runs(runs)
     if groups is not None:
         tasks = [t for t in harness_tasks(runs) if all(f"drop:{t}" in g.iv.metrics for g in groups.values())]
-        md += interval_section(groups, tasks, fig_dir, out_dir)
+        md += interval_section(groups, tasks, fig_dir, out_dir, formats=figure_formats)
     else:
         md += ["Runs made before per-block NLLs were kept have no confidence intervals.", ""]
     md += [sign_conventions_md()]

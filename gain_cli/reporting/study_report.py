@@ -7,8 +7,8 @@ validation blocks and downstream items (``gain_cli.reporting.uncertainty``) and 
                     differences between methods, per-method PPL matrices with intervals, figures
     study.json      every point estimate and interval, per method; the verdicts
     figures/        earlier/in-domain change bars with error bars, downstream curves with error bars, heatmaps on
-                    one colour scale, and the paper's Figures 1, 3 and 4 from the study's runs (Figure 2: the
-                    lora-lr sweep's report)
+                    one symmetric colour scale (its limits in study.json, ``figures``), and the paper's Figures 1, 3
+                    and 4 from the study's runs (Figure 2: the lora-lr sweep's report); each as PNG, SVG and PDF
 
 Verdict rules (fixed before any result was seen; recipes/smollm2_study.yaml states them too):
 ``reproduced`` when the intervals say the paper's direction, ``not reproduced`` when they say the opposite,
@@ -115,7 +115,8 @@ def groups_of_runs(runs: Sequence[RunResult], replicates: int = 1000, level: flo
     return groups
 
 
-def interval_section(groups: dict[str, MethodGroup], tasks: Sequence[str], fig_dir: Path, out_dir: Path) -> list[str]:
+def interval_section(groups: dict[str, MethodGroup], tasks: Sequence[str], fig_dir: Path, out_dir: Path,
+                     formats: Sequence[str] | None = None) -> list[str]:
     """Markdown of the summary with intervals, the differences and the error-bar figures (for ``gain report``)."""
     header, rows = main_table(groups, tasks)
     domains = next(iter(groups.values())).runs[0].domains
@@ -123,7 +124,7 @@ def interval_section(groups: dict[str, MethodGroup], tasks: Sequence[str], fig_d
           "Point estimate (mean over the runs of a setting, i.e. its seeds) [95 % bootstrap interval over seeds, "
           "validation blocks and downstream items]; † = does not overlap LoRA's interval.", "", _md_table(header, rows),
           "### Differences (non-overlapping intervals)", "", *differences(groups, tasks), ""]
-    for title, p in _figures(groups, tasks, domains, fig_dir, heatmaps=False):
+    for title, p in _figures(groups, tasks, domains, fig_dir, heatmaps=False, formats=formats):
         md += [f"![{title}]({p.relative_to(out_dir).as_posix()})", ""]
     return md
 
@@ -287,8 +288,14 @@ def ppl_table(grp: MethodGroup, domains: Sequence[str]) -> str:
 # --------------------------------------------------------------------------------------------- figures
 
 
+def mean_relative_changes(groups: dict[str, MethodGroup]) -> dict[str, np.ndarray]:
+    """Per group: the PPL change vs base of its mean PPL matrix (rows 1..T), the data of its heatmap."""
+    return {n: relative_change_matrix(np.array([[c.value for c in row] for row in g.iv.ppl]))[1:]
+            for n, g in groups.items()}
+
+
 def _figures(groups: dict[str, MethodGroup], tasks: Sequence[str], domains: Sequence[str], fig_dir: Path,
-             heatmaps: bool = True) -> list[tuple[str, Path]]:
+             heatmaps: bool = True, formats: Sequence[str] | None = None) -> list[tuple[str, Path]]:
     out: list[tuple[str, Path]] = []
     bars = {}
     for metric, title, _scale, _lower in COLUMNS[:3]:
@@ -296,7 +303,8 @@ def _figures(groups: dict[str, MethodGroup], tasks: Sequence[str], domains: Sequ
                                           for n, g in groups.items() if g.iv.get(metric).defined}
     out.append(("PPL change per method (95 % intervals)",
                 figures.interval_bars(bars, fig_dir / "ppl_change_bars.png", "PPL change (%)",
-                                      "Mean PPL change: negative = better (95 % intervals over seeds and blocks)")))
+                                      "Mean PPL change: negative = better (95 % intervals over seeds and blocks)",
+                                      formats=formats)))
     stage_labels = ["base", *(f"{k}: {d}" for k, d in enumerate(domains, 1))]
     for t in tasks:
         curves = {n: [i.value / 100.0 for i in g.iv.accuracy[t]] for n, g in groups.items() if t in g.iv.accuracy}
@@ -305,17 +313,19 @@ def _figures(groups: dict[str, MethodGroup], tasks: Sequence[str], domains: Sequ
         if curves:
             out.append((f"{t} accuracy per stage (95 % intervals over seeds and items)",
                         figures.harness_curve(curves, fig_dir / f"{_slug(t)}_curve{'' if heatmaps else '_intervals'}.png",
-                                              task=t, stage_labels=stage_labels, errors=errors)))
+                                              task=t, stage_labels=stage_labels, errors=errors, formats=formats)))
     if not heatmaps:
         return out
-    rels = {n: relative_change_matrix(np.array([[c.value for c in row] for row in g.iv.ppl]))[1:] for n, g in groups.items()}
-    vmax = max(float(np.nanmax(np.abs(100 * r))) for r in rels.values()) if rels else 1.0
+    rels = mean_relative_changes(groups)
+    _, hi = figures.symmetric_limits(rels.values())
     for n, rel in rels.items():
         rows = [f"{k}: {domains[k - 1]}" for k in range(1, rel.shape[0] + 1)]
-        out.append((f"{n}: PPL change vs base (mean over seeds; one colour scale for all methods)",
+        out.append((f"{n}: PPL change vs base (mean over seeds; one colour scale for all methods, "
+                    f"±{figures.format_limit(hi)} %)",
                     figures.relative_change_heatmap(rel, rows, list(domains), fig_dir / f"heatmap_{_slug(n)}.png",
                                                     title=f"{n}: PPL change vs base (%)",
-                                                    outline=[(i, i) for i in range(rel.shape[0])], vmax=vmax)))
+                                                    outline=[(i, i) for i in range(rel.shape[0])], vmax=hi,
+                                                    formats=formats)))
     return out
 
 
@@ -400,6 +410,8 @@ def write_study_report(runs: Sequence[Any], spec, out_dir: Path, base_cfg) -> Pa
                     for n, g in groups.items()},
         "verdicts": verdict_rows,
         "unfinished": [str(r.run_dir) for r in unfinished],
+        "figures": {"heatmap_colour_limits_pct": list(figures.symmetric_limits(mean_relative_changes(groups).values())),
+                    "formats": list(figures.FORMATS)},
     })
     md = [f"# Study `{spec.name}`: does GAIN forget less than LoRA and full fine-tuning?", "",
           f"Generated {datetime.now().isoformat(timespec='seconds')} from {sum(len(g.runs) for g in groups.values())} "

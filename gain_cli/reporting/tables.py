@@ -99,13 +99,30 @@ def domain_table(runs: Sequence[RunResult], key: str) -> Table:
     return header, rows
 
 
-def harness_table(runs: Sequence[RunResult], task: str) -> Table:
-    """Accuracy (%) of one harness task per row (base, stage 1, ...): methods as rows."""
+def harness_curve(run: RunResult, task: str, metric: str = "acc"):
+    """One run's per-row values of an lm-eval metric (acc, acc_stderr, acc_norm, acc_norm_stderr) of a task."""
+    source = run.harness if metric == "acc" else run.harness_extra.get(metric)
+    return (source or {}).get(task)
+
+
+def harness_metrics(runs: Sequence[RunResult], task: str) -> list[str]:
+    """The lm-eval metrics of ``task`` that some run kept (acc first)."""
+    from gain_cli.reporting.matrices import HARNESS_METRICS
+
+    def kept(r: RunResult, m: str) -> bool:
+        curve = harness_curve(r, task, m)
+        return curve is not None and not np.all(np.isnan(np.asarray(curve, dtype=float)))
+
+    return [m for m in HARNESS_METRICS if any(kept(r, m) for r in runs)]
+
+
+def harness_table(runs: Sequence[RunResult], task: str, metric: str = "acc") -> Table:
+    """One lm-eval metric (%) of one harness task per row (base, stage 1, ...): methods as rows."""
     n = max((len(r.rows) for r in runs), default=1)
     header = ["Method", "base", *(f"stage {k}" for k in range(1, n))]
     rows = []
     for label, r in zip(run_labels(runs), runs):
-        curve = (r.harness or {}).get(task)
+        curve = harness_curve(r, task, metric)
         cells = [None] * (n)
         if curve is not None:
             for k, v in enumerate(curve[: len(r.rows)]):
@@ -290,5 +307,5 @@ def print_metric_table(runs: Sequence[RunResult], console) -> None:
     console.print(t)
 
 
-__all__ = ["SIGN_CONVENTIONS", "Table", "metric_table", "domain_table", "harness_table", "run_labels",
+__all__ = ["SIGN_CONVENTIONS", "Table", "metric_table", "domain_table", "harness_table", "harness_metrics", "run_labels",
            "harness_tasks", "to_markdown", "to_latex", "to_csv", "format_cell", "print_run", "print_metric_table"]
