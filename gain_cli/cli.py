@@ -609,6 +609,9 @@ def info(args: Optional[list[str]] = typer.Argument(None, help="[config|params|m
 def main() -> None:
     if "--debug" in sys.argv:
         _state["debug"] = True
+    from gain_cli.threads import apply_at_start
+
+    apply_at_start()  # the OpenMP wait policy from the machine's load: before anything imports torch
     app(prog_name="gain")
 
 

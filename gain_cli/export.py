@@ -33,6 +33,7 @@ import torch
 from omegaconf import OmegaConf
 
 from gain_cli.errors import GainError, unknown_choice
+from gain_cli.training.drift import is_drift
 
 FORMATS = ("peft",)
 WEIGHTS = "adapter_model.safetensors"
@@ -242,7 +243,13 @@ def export_run(run_dir: str | Path, out: str | Path, last: int, first: int | Non
     method = build_method(OmegaConf.to_container(cfg.method), model_spec(cfg.model, _model_type(cfg.model, run_dir)))
     kind, adapter_method = adapter_kind(method)
     stages = list(range(first, last + 1))
-    states = [load_stage_state(run_dir, k) for k in stages]
+    drift = is_drift(cfg)
+    if drift:  # one continuous run (train.domain_schedule=drift): the state at segment K holds segments 1..K
+        if first != last and first > 1:
+            raise GainError(f"--stages {first}..{last}: {run_dir} is a drift run, whose state at segment K is the "
+                            "whole run up to K, on the pretrained model: export --stage K or --stages 1..K")
+        first, stages = 1, list(range(1, last + 1))
+    states = [load_stage_state(run_dir, k) for k in (stages[-1:] if drift else stages)]
     _same_keys(states, stages)
     config, tensors, what = BUILDERS[kind](adapter_method, states)
     base_id, base_note = base_model_id(cfg)

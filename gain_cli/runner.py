@@ -41,6 +41,7 @@ from gain_cli.errors import GainError
 from gain_cli.io import atomic_save_safetensors, atomic_write_json, atomic_write_text, read_json
 from gain_cli.progress import Phase, RunClock
 from gain_cli.reporting.matrices import collect_rows, finished_stages  # noqa: F401  (the run directory's rows)
+from gain_cli.training.drift import is_drift, run_is_drift
 from gain_cli.training.sharding import sharding_mode
 
 STATE_FILE = "method_state.safetensors"
@@ -179,10 +180,16 @@ class Experiment:
         from gain_cli.training.accelerator import make_accelerator
 
         self.cfg, self.run_dir, self.console = cfg, run_dir, console
+        self.drift = is_drift(cfg)  # train.domain_schedule=drift: one continuous run (gain_cli.training.drift)
+        self.drift_trainer = None  # its trainer, made when its first segment is needed
         self.accelerator = accelerator if accelerator is not None else make_accelerator(cfg)
         _check_compile(cfg, self.accelerator.device)
-        if cfg.train.get("threads"):
-            torch.set_num_threads(int(cfg.train.threads))
+        from gain_cli.threads import threads_for_run
+
+        threads, why = threads_for_run(cfg.train.get("threads"))  # train.threads, else the CLI's start-up choice
+        if threads:
+            torch.set_num_threads(threads)
+            self.say(why)
         # caches (pretrained tiny model, converted checkpoints, built data, token streams) are filled
         # once per machine by its first process; the others then read them
         with self.accelerator.local_main_process_first():
@@ -194,6 +201,10 @@ class Experiment:
             self.domains = [d.name for d in domains]
             self.data = DomainData(domains, self.tokenizer, cfg.cache_dir)
             self.sharding = sharding_mode(cfg, self.accelerator.num_processes, self.method)
+            if self.drift and self.sharding != "none":  # train.sharding=auto chose sharding: refused before the run
+                from gain_cli.training.drift import SHARDING_REFUSAL
+
+                raise GainError(f"{SHARDING_REFUSAL} (train.sharding={cfg.train.get('sharding')} → {self.sharding})")
             if not self.sharded:  # sharded: fully_shard moves each process's shards to its device
                 self.model.to(self.accelerator.device)
             self.eval_blocks = {d: self.data.blocks(d, "validation", int(cfg.eval.block_size), cfg.eval.get("max_blocks"))
@@ -319,6 +330,8 @@ class Experiment:
 
     def rebuild(self, upto: int) -> None:
         """Re-apply the saved states of stages 1..upto to the base model (no training)."""
+        if self.drift:  # the one run continues from its checkpoint when the next segment needs it (_drift)
+            return
         if not self.sharded:
             self.model = apply_saved_stages(self.model, self.method, self.run_dir, upto, self.accelerator.device)
             return
@@ -328,6 +341,8 @@ class Experiment:
     def train_stage(self, k: int, domain: str, progress_cb: Callable | None = None) -> dict[str, Any]:
         from gain_cli.training.loop import train_stage
 
+        if self.drift:
+            return self.train_segment(k, domain, progress_cb)
         cfg = self.cfg
         seed_everything(int(cfg.seed) * 1000 + k)  # adapter init / dropout of stage k depend only on (seed, k)
         from gain_cli.methods.base import StageContext
@@ -388,8 +403,80 @@ class Experiment:
             return read_json(d / TRAIN_FILE)
         return None
 
+    # -- train.domain_schedule=drift: one continuous run, segment k ending where stage k would --
+    def _drift(self, k: int, trained: bool = False):
+        """The drift run's trainer, made once: the method attached once to the pretrained model, one optimiser and
+        schedule, continued from the run's checkpoint when there is one. ``trained``: segment k was trained and
+        saved before the run stopped (the checkpoint must be at its end)."""
+        from gain_cli.training.drift import CHECKPOINT_DIR, DriftTrainer
+
+        if self.drift_trainer is None:
+            cfg = self.cfg
+            seed_everything(int(cfg.seed) * 1000 + 1)  # the method's init: as a staged run's stage 1
+            self.model = self.method.attach(self.model)
+            blocks = [self.data.blocks(d, "train", int(cfg.train.seq_len)) for d in self.domains]
+            tr = DriftTrainer(self.model, self.method, blocks, self.domains, cfg.train, seed=int(cfg.seed),
+                              accelerator=self.accelerator)
+            at = tr.restore(self._drift_checkpoints())
+            if at is not None:
+                self.say(f"drift run resumed from its checkpoint at step {at} of {tr.total}")
+            log_path = self.run_dir / "train_log.jsonl"
+            if self.is_main and log_path.is_file():  # steps logged after the checkpoint are trained (logged) again
+                keep = [line for line in log_path.read_text(encoding="utf-8").splitlines()
+                        if line.strip() and not _logged_after_global(line, at or 0)]
+                atomic_write_text(log_path, "".join(f"{line}\n" for line in keep))
+            self.drift_trainer = tr
+        tr = self.drift_trainer
+        if trained and tr.step != k * tr.steps:
+            raise GainError(f"drift run {self.run_dir}: segment {k} was saved but the run's checkpoint is at step "
+                            f"{tr.step}, not {k * tr.steps} ({CHECKPOINT_DIR}/ is missing or stale); "
+                            "start a new run_dir")
+        return tr
+
+    def _drift_checkpoints(self):
+        from gain_cli.training.checkpoint import StageCheckpoints
+        from gain_cli.training.drift import CHECKPOINT_DIR
+
+        return StageCheckpoints(self.run_dir / CHECKPOINT_DIR, self.cfg.train.get("checkpoint_every"), self.is_main)
+
+    def train_segment(self, k: int, domain: str, progress_cb: Callable | None = None) -> dict[str, Any]:
+        """Segment k of a drift run: train on, save the method's whole state at step k·S (no merge, nothing reset)."""
+        tr = self._drift(k)
+
+        def log(rec: dict) -> None:
+            if self.is_main:
+                with open(self.run_dir / "train_log.jsonl", "a", encoding="utf-8") as f:
+                    f.write(json.dumps(rec) + "\n")
+            self.trackers.train_step(rec)
+
+        stats = tr.train_segment(k, progress=progress_cb, log=log, checkpoints=self._drift_checkpoints())
+        info = {"domain": domain, "trainable_params": self.method.count_trainable(self.model), "train": stats.to_dict(),
+                "method_info": self.method.stage_info(), "drift": tr.segment_info(k)}
+        state = self.method.state_dict(self.model) if self.is_main else None
+        if self.is_main:
+            atomic_write_json(self.stage_dir(k) / TRAIN_FILE, info)
+            atomic_save_safetensors(self.stage_dir(k) / STATE_FILE, state,
+                                    metadata={"method": self.method.name, "stage": str(k), "domain": domain,
+                                              "domain_schedule": "drift"})
+        del state
+        self.accelerator.wait_for_everyone()
+        self.model.eval()
+        return info
+
+    def finish_drift(self) -> None:
+        """Every segment evaluated: the run's trainer checkpoint is not needed any more."""
+        import shutil
+
+        from gain_cli.training.drift import CHECKPOINT_DIR
+
+        if self.drift and self.is_main:
+            shutil.rmtree(self.run_dir / CHECKPOINT_DIR, ignore_errors=True)
+
     def apply_trained_stage(self, k: int) -> None:
         """Carry the model forward through stage k from its saved state instead of training it again."""
+        if self.drift:  # the run's checkpoint at the end of segment k holds the model (and what training needs)
+            self._drift(k, trained=True)
+            return
         if not self.sharded:
             self.model = apply_stage(self.model, self.method, self.run_dir, k, self.accelerator.device)
             return
@@ -406,6 +493,15 @@ def _logged_after(line: str, stage: int, step: int) -> bool:
     except ValueError:
         return False
     return rec.get("stage") == stage and int(rec.get("step", 0) or 0) > step
+
+
+def _logged_after_global(line: str, step: int) -> bool:
+    """A drift run's train_log.jsonl record past global ``step`` (to be written again by the resumed run)."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return False
+    return int(rec.get("global_step", 0) or 0) > step
 
 
 def stage_dir(run_dir: Path, k: int) -> Path:
@@ -435,16 +531,17 @@ def apply_stage(model, method, run_dir: Path, k: int, device="cpu"):
 
 def apply_saved_stages(model, method, run_dir: Path, upto: int, device="cpu"):
     """Rebuild the model after stage ``upto`` from the base model and the saved stage states."""
-    for k in saved_stages_to_apply(method, upto):
+    for k in saved_stages_to_apply(method, upto, cumulative=run_is_drift(run_dir)):
         model = apply_stage(model, method, run_dir, k, device)
     return model.eval()
 
 
-def saved_stages_to_apply(method, upto: int) -> list[int]:
+def saved_stages_to_apply(method, upto: int, cumulative: bool = False) -> list[int]:
     """The saved stages that rebuild the model after stage ``upto``: all of them, or only the last one for a method
-    whose saved state is cumulative (it holds every stage so far)."""
+    whose saved state is cumulative (it holds every stage so far), as every state of a drift run is
+    (``cumulative``: the whole state of the one run at step upto·S, on the pretrained model)."""
     ks = list(range(1, upto + 1))
-    return ks[-1:] if method.cumulative_state else ks
+    return ks[-1:] if cumulative or method.cumulative_state else ks
 
 
 def run_info(cfg: DictConfig, accelerator, status: str, started: str | None = None,
@@ -455,6 +552,7 @@ def run_info(cfg: DictConfig, accelerator, status: str, started: str | None = No
     return {
         "recipe": cfg.recipe, "method": cfg.method.name, "model": cfg.model.name, "domains": list(cfg.domains.sequence),
         "seed": int(cfg.seed), "num_processes": accelerator.num_processes, **sharding, "status": status,
+        **({"domain_schedule": "drift"} if is_drift(cfg) else {}),
         "config_hash": config_hash(cfg), "git_commit": _git_commit(), "versions": library_versions(),
         "host": socket.gethostname(), "started": started or datetime.now().isoformat(timespec="seconds"),
         "updated": datetime.now().isoformat(timespec="seconds"),
@@ -575,7 +673,9 @@ def _run_rows(exp: Experiment, cfg: DictConfig, console, emit: Callable) -> None
         exp.say(exp.clock.line(rows_done, rows_total, len(exp.domains) - (rows_done - 1), exp.harness_on))
 
     if done:
-        exp.say(f"resuming {run_dir}: stages 1..{done[-1]} finished, rebuilding them from their saved states")
+        exp.say(f"resuming {run_dir}: segments 1..{done[-1]} of the drift run finished, continuing it from its "
+                "checkpoint" if exp.drift else
+                f"resuming {run_dir}: stages 1..{done[-1]} finished, rebuilding them from their saved states")
         exp.rebuild(done[-1])
     if not base_done:
         row = on_main_shared(acc, lambda: shared_base_row(cfg))
@@ -616,6 +716,7 @@ def _run_rows(exp: Experiment, cfg: DictConfig, console, emit: Callable) -> None
         row_finished()
         emit("row", metrics)
         acc.wait_for_everyone()
+    exp.finish_drift()
 
 
 def base_row_key(cfg: DictConfig) -> str:

@@ -156,3 +156,18 @@ def test_without_a_compiler_the_compiled_rows_are_skipped_not_fatal(monkeypatch)
     assert kept.train_compile_methods == () and kept.eval_compile is False and kept.train_steps == s.train_steps
     assert "no C++ compiler" in why and "compiled rows skipped" in logs[0]
     assert skip_uncompilable(bench_settings("tiny"), logs.append) == (bench_settings("tiny"), None)  # nothing asked
+
+
+@pytest.mark.parametrize("cores, load, env, expected", [
+    (2, 0.1, {}, ("ACTIVE", 2)),                       # idle: spin, every core
+    (2, 3.0, {}, ("PASSIVE", 1)),                      # busy: sleep, the cores left (at least one)
+    (8, 2.2, {}, ("PASSIVE", 6)),
+    (2, 3.0, {"OMP_WAIT_POLICY": "active"}, ("ACTIVE", 1)),   # the user's policy wins
+    (2, 0.0, {"OMP_NUM_THREADS": "1"}, ("ACTIVE", 1)),
+])
+def test_thread_choice_follows_the_load(cores, load, env, expected):
+    from gain_cli.threads import choose
+
+    c = choose(cores, load, env)
+    assert (c.policy, c.threads) == expected
+    assert ("busy" in c.reason) == (load >= 0.5)

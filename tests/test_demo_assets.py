@@ -380,7 +380,8 @@ def test_demo8_domain_config_matches_the_builder():
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _SPLIT = re.compile(r"^(train|validation|test)(\[\d*%?:\d*%?\])?$")
 GPU_RECIPES = {"qwen2.5_8domains": "Qwen/Qwen2.5-7B", "gpt2-large_8domains": "openai-community/gpt2-large",
-               "mistral-7b_8domains": "mistralai/Mistral-7B-v0.1", "llama-3.1-70b_8domains": "meta-llama/Llama-3.1-70B"}
+               "mistral-7b_8domains": "mistralai/Mistral-7B-v0.1", "llama-3.1-70b_8domains": "meta-llama/Llama-3.1-70B",
+               "llama-2-13b_8domains": "meta-llama/Llama-2-13b-hf"}
 
 
 @pytest.mark.parametrize("recipe", ["smollm2_8domains", *GPU_RECIPES])
@@ -458,3 +459,39 @@ def test_ensure_smollm2_for_real(tmp_path):
     t0 = time.perf_counter()
     assert smollm2.ensure_smollm2(tmp_path, log=lambda *a: None) == path
     assert time.perf_counter() - t0 < 0.5
+
+
+# Hub datasets whose main branch still holds a loading script (refused by datasets >= 4), from stored copies of the
+# hub's pages, with the revision that serves plain parquet files instead
+SCRIPT_DATASETS = {"code-search-net/code_search_net": "refs/convert/parquet"}
+
+
+def test_hub_datasets_name_config_splits_and_column_and_need_no_loading_script():
+    from gain_cli.config import compose_config
+
+    cfg = compose_config([], "mistral-7b_8domains")
+    assert set(cfg.domains.hub) == set(cfg.domains.sequence)
+    for d, spec in cfg.domains.hub.items():
+        assert {"path", "name", "train_split", "validation_split", "text_field"} <= set(spec), d
+        if spec.path in SCRIPT_DATASETS:
+            assert spec.get("revision") == SCRIPT_DATASETS[spec.path], d
+        assert spec.validation_split != "test" or spec.path != "AI-MO/NuminaMath-CoT"  # 100 rows only
+    # every GPU recipe uses this one domain set
+    for recipe in GPU_RECIPES:
+        assert compose_config([], recipe).domains.hub == cfg.domains.hub
+
+
+def test_a_loading_script_dataset_is_one_line(monkeypatch, tmp_path):
+    import datasets
+
+    from gain_cli.data.domains import ensure_domains
+    from gain_cli.errors import GainError
+
+    def refuse(*_a, **_k):
+        raise RuntimeError("Dataset scripts are no longer supported, but found code_search_net.py")
+
+    monkeypatch.setattr(datasets, "load_dataset", refuse)
+    cfg = {"name": "h", "source": "hub", "root": str(tmp_path), "sequence": ["code"],
+           "hub": {"code": {"path": "code-search-net/code_search_net", "name": "python", "text_field": "x"}}}
+    with pytest.raises(GainError, match="needs a loading script, which datasets >= 4 refuses: .*refs/convert/parquet"):
+        ensure_domains(cfg, tmp_path, log=lambda *a: None)

@@ -249,3 +249,16 @@ def test_export_is_listed_and_has_help():
     res = runner.invoke(app, ["export", "--help"])
     assert res.exit_code == 0 and "--stages" in res.output
     assert "PeftModel.from_pretrained" in " ".join(res.output.split())
+
+
+@pytest.mark.parametrize("method", ["lora", "gain_ffn"])
+def test_a_drift_runs_segment_exports_as_one_adapter_on_the_pretrained_model(method, tmp_path):
+    """train.domain_schedule=drift: the state at segment K is the whole run up to K, so --stage K and --stages 1..K
+    are the same adapter, on the pretrained model."""
+    rd = tmp_path / "drift"
+    res = runner.invoke(app, ["run", *FAST, f"method={method}", "train.domain_schedule=drift", f"run_dir={rd}"])
+    assert res.exit_code == 0, res.output
+    export(rd, tmp_path / "a", "--stages", "1..2")
+    check_round_trip(rd, tmp_path / "a", 1, 2)
+    export(rd, tmp_path / "b", "--stage", "2")
+    check_round_trip(rd, tmp_path / "b", 1, 2)

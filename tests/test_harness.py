@@ -355,3 +355,62 @@ def test_lm_eval_git_probe_is_silent_outside_a_checkout(tmp_path, monkeypatch, c
     assert evaluator.get_git_commit_hash is original  # lm-eval's own probe is back afterwards
     original()  # ... which does print here (so the assertion above can fail)
     assert "not a git repository" in capfd.readouterr().err
+
+
+GPU_TASKS = ["boolq", "hellaswag", "winogrande", "piqa", "arc_easy", "arc_challenge", "openbookqa"]
+
+
+def test_gpu_eval_config_lists_the_seven_tasks_zero_shot():
+    """The GPU recipes' eval config: the seven tasks of the summaries, 0-shot each (our default), names lm-eval's
+    local index knows (no download: HF_*_OFFLINE are set)."""
+    from omegaconf import OmegaConf
+
+    from gain_cli.config import compose_config
+    from gain_cli.evaluation.harness import check_task_names
+
+    for recipe in ("mistral-7b_8domains", "qwen2.5_8domains"):
+        block = OmegaConf.to_container(compose_config([], recipe).eval.harness, resolve=True)
+        assert block["tasks"] == GPU_TASKS, recipe
+        assert resolve_harness_cfg(block)["num_fewshot"] == dict.fromkeys(GPU_TASKS, 0)
+    shots = compose_config(["eval.harness.num_fewshot.hellaswag=10", "eval.harness.tasks=[boolq,hellaswag]"],
+                           "mistral-7b_8domains").eval.harness
+    assert resolve_harness_cfg(OmegaConf.to_container(shots))["num_fewshot"] == {"boolq": 0, "hellaswag": 10}
+    check_task_names(GPU_TASKS)
+    with pytest.raises(GainError, match="unknown task 'hellaswagg'.*close: hellaswag"):
+        check_task_names(["hellaswagg"])
+
+
+def test_installed_lm_eval_loads_the_seven_without_dataset_scripts():
+    """datasets >= 4 refuses dataset loading scripts: the installed lm-eval's seven task YAMLs (piqa above all, which
+    lm-eval <= 0.4.9 read through a script) must name script-free hub datasets and no trust_remote_code."""
+    yaml = pytest.importorskip("yaml")
+    import lm_eval
+
+    root = Path(lm_eval.__file__).parent / "tasks"
+    files = {"boolq": "super_glue/boolq/default.yaml", "hellaswag": "hellaswag/hellaswag.yaml",
+             "winogrande": "winogrande/default.yaml", "piqa": "piqa/piqa.yaml", "arc_easy": "arc/arc_easy.yaml",
+             "openbookqa": "openbookqa/openbookqa.yaml"}  # arc_challenge includes arc_easy.yaml
+    for task, rel in files.items():
+        text = (root / rel).read_text()
+        cfg = yaml.safe_load("\n".join(line for line in text.splitlines() if "!function" not in line))
+        assert cfg["task"] == task
+        assert "/" in cfg["dataset_path"], (task, cfg["dataset_path"])    # an org/name hub repo, not a script name
+        assert "trust_remote_code" not in text, task
+    assert yaml.safe_load((root / "piqa/piqa.yaml").read_text())["dataset_path"] == "baber/piqa"
+
+
+def test_a_dataset_script_is_one_line(tmp_path):
+    """A task whose data needs a loading script (refused by datasets >= 4) fails with one line and the way out."""
+    import datasets
+
+    if int(datasets.__version__.split(".")[0]) < 4:
+        pytest.skip("datasets < 4 still runs loading scripts")
+    script_dir = tmp_path / "scripted"
+    script_dir.mkdir()
+    (script_dir / "scripted.py").write_text("import datasets\n")
+    task = tmp_path / "scripted_task.yaml"
+    task.write_text(f"task: scripted_task\ndataset_path: {script_dir}\noutput_type: multiple_choice\n"
+                    "validation_split: validation\ndoc_to_text: q\ndoc_to_target: 0\ndoc_to_choice: [a, b]\n")
+    tok = _tokenizer(True)
+    with pytest.raises(GainError, match="dataset script, which datasets >= 4 refuses.*lm-eval >= 0.4.10"):
+        run_harness(_model(tok, 0), tok, {"tasks": [str(task)]}, tmp_path / "w")

@@ -1,44 +1,16 @@
 """lm-eval's own results kept per row (lm-eval's files), the harness matrices of acc, acc_norm and their stderrs,
-and the report's tables of them: on a tiny run with the packaged BoolQ set and a hand-made 4-choice task file."""
+and the report's tables of them: on a tiny run with the packaged BoolQ set and the hand-made 4-choice task of
+tests/data (its lm-eval task YAML from test_mc_tasks)."""
 
 import json
 
 import pytest
+from test_mc_tasks import mc4_yaml
 from typer.testing import CliRunner
 
 from gain_cli.cli import app
 
 runner = CliRunner()
-CHOICES = [["red", "green", "blue", "yellow"], ["one", "two", "three", "four"], ["cat", "dog", "cow", "hen"]]
-
-
-def _mc_task(tmp_path):
-    data = tmp_path / "mc.jsonl"
-    data.write_text("".join(json.dumps({"question": f"Pick item {i % 4} of the list {', '.join(c)}.", "choices": c,
-                                        "label": i % 4}) + "\n" for i, c in enumerate(CHOICES * 4)))
-    task = tmp_path / "tiny_mc4.yaml"
-    task.write_text(f"""task: tiny_mc4
-dataset_path: json
-dataset_name: null
-dataset_kwargs:
-  data_files:
-    validation: {data}
-output_type: multiple_choice
-validation_split: validation
-doc_to_text: "{{{{question}}}}\\nAnswer:"
-doc_to_target: label
-doc_to_choice: "{{{{choices}}}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  version: 1.0
-""")
-    return task
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +18,7 @@ def harness_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("lmeval")
     rd = tmp / "run"
     res = runner.invoke(app, ["run", "recipe=tiny_8domains", "method=gain_ffn", "domains.sequence=[dna,code]",
-                              "train.steps=4", "eval.max_blocks=2", f"eval.harness.tasks=[boolq,{_mc_task(tmp)}]",
+                              "train.steps=4", "eval.max_blocks=2", f"eval.harness.tasks=[boolq,{mc4_yaml(tmp)}]",
                               "eval.harness.limit=12", "eval.harness.save_samples=true", f"run_dir={rd}"])
     assert res.exit_code == 0, res.output
     return rd

@@ -484,3 +484,41 @@ def test_imsm_copy_is_independent_of_later_changes():
     with torch.no_grad():
         model.tuned.get_base_model().model.layers[0].mlp.down_proj.weight.add_(1.0)
     assert all(torch.equal(v, frozen[k]) for k, v in model.frozen.state_dict().items())
+
+
+@pytest.mark.parametrize("model_type, targets, ff_module, other_module", [
+    ("llama", ["self_attn.o_proj", "mlp.down_proj"], "mlp.down_proj", "self_attn.o_proj"),
+    ("gpt2", ["attn.c_proj", "mlp.c_proj"], "mlp.c_proj", "attn.c_proj"),
+])
+def test_ia3_feedforward_targets_are_matched_by_module_not_spelling(model_type, targets, ff_module, other_module):
+    """`mlp.down_proj` is PEFT's feedforward `down_proj` (GPT-2: `mlp.c_proj`): its vector scales the input, the
+    attention output projection's the output."""
+    from peft.tuners.ia3 import IA3Layer
+
+    from gain_cli.methods import build_method
+    from gain_cli.models.loading import model_spec
+
+    model = tiny_model(model_type)
+    method = build_method({"name": "ia3", "kind": "ia3", "target_modules": targets, "feedforward_modules": None},
+                          model_spec({}, model.config.model_type))
+    peft_model = method.attach(model)
+    seen = {}
+    for name, mod in peft_model.named_modules():
+        if isinstance(mod, IA3Layer):
+            side = "in" if mod.is_feedforward else "out"
+            seen.setdefault(name.split(".h.0.")[-1].split(".layers.0.")[-1], (side, mod.ia3_l["default"].numel(),
+                                                                               mod.in_features, mod.out_features))
+    side, n, fan_in, _ = seen[ff_module]
+    assert side == "in" and n == fan_in
+    side, n, _, fan_out = seen[other_module]
+    assert side == "out" and n == fan_out
+
+
+def test_ia3_target_naming_feedforward_and_other_modules_at_once_is_refused():
+    from gain_cli.errors import GainError
+    from gain_cli.methods.ia3 import feedforward_among
+
+    assert feedforward_among(["c_attn", "mlp.c_proj"], ["mlp.c_proj"]) == ["mlp.c_proj"]
+    assert feedforward_among(["k_proj", "model.layers.0.mlp.down_proj"], ["down_proj"]) == ["model.layers.0.mlp.down_proj"]
+    with pytest.raises(GainError, match="'c_proj' names feedforward modules \\(mlp.c_proj\\) and others at once"):
+        feedforward_among(["c_attn", "c_proj"], ["mlp.c_proj"])

@@ -59,6 +59,7 @@ PUBLISHED = {
     "qwen2.5-7b": (7_615_616_512, "bfloat16"),
     "mistral-7b": (7_241_732_096, "bfloat16"),
     "llama-3.1-70b": (70_553_706_496, "bfloat16"),
+    "llama-2-13b": (13_015_864_320, "bfloat16"),
     "pythia-1b": (1_011_781_632, "bfloat16"),
     "phi-3-mini": (3_821_079_552, "bfloat16"),
     "gemma-2b": (2_506_172_416, "bfloat16"),
@@ -66,7 +67,7 @@ PUBLISHED = {
 # GAIN-attn: layers × (heads·head_dim); GAIN-FFN adds layers × intermediate size
 GAIN = {
     "gpt2-large": (36, 1280, 5120), "qwen2.5-7b": (28, 3584, 18944), "mistral-7b": (32, 4096, 14336),
-    "llama-3.1-70b": (80, 8192, 28672), "pythia-1b": (16, 2048, 8192), "phi-3-mini": (32, 3072, 8192),
+    "llama-3.1-70b": (80, 8192, 28672), "llama-2-13b": (40, 5120, 13824), "pythia-1b": (16, 2048, 8192), "phi-3-mini": (32, 3072, 8192),
     "gemma-2b": (18, 8 * 256, 16384),
 }
 
@@ -151,3 +152,15 @@ def test_missing_model_type_is_a_clear_error():
     assert isinstance(build_meta_model({"name": "x", "hf_config": {"model_type": "llama", "hidden_size": 16,
                                         "intermediate_size": 16, "num_hidden_layers": 1,
                                         "num_attention_heads": 2}}).model.embed_tokens.weight, torch.Tensor)
+
+
+def test_the_13b_recipe_trains_the_papers_counts():
+    """Llama-2-13B, the paper's fifth model: GAIN-attn 40 × 5120, GAIN-FFN + 40 × 13824 (from the recipe)."""
+    from omegaconf import OmegaConf
+
+    from gain_cli.config import compose_config
+
+    for method, expected in (("gain_attn", 40 * 5120), ("gain_ffn", 40 * 5120 + 40 * 13824)):
+        cfg = compose_config([f"method={method}"], "llama-2-13b_8domains")
+        res = count_method_params(OmegaConf.to_container(cfg.model), OmegaConf.to_container(cfg.method))
+        assert res["trainable"] == expected == {"gain_attn": 204_800, "gain_ffn": 757_760}[method]

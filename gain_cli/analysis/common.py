@@ -62,8 +62,17 @@ def weights_after(run: OpenRun, stages: list[int]) -> dict[int, dict[str, torch.
     missing = [k for k in stages if k and k not in run.finished]
     if missing:
         raise GainError(f"stage {missing[0]} of {run.run_dir} is not finished (finished: {run.finished})")
+    from gain_cli.training.drift import run_is_drift
+
     out = {0: snapshot(run.model)}
     model = run.model
+    if run_is_drift(run.run_dir):  # each saved state is the whole run up to its segment, on the pretrained model
+        for k in sorted(k for k in stages if k):
+            load_weights(model, out[0])
+            model = apply_stage(model, run.method, run.run_dir, k)
+            out[k] = snapshot(model)
+        run.model = model
+        return out
     for k in range(1, max(stages, default=0) + 1):
         model = apply_stage(model, run.method, run.run_dir, k)  # full_ft: the stage's state is all weights
         if k in stages:

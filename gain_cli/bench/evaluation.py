@@ -154,7 +154,8 @@ def bench_boolq(model, tokenizer, s, repeats: int, workdir: Path, log=print) -> 
     path = workdir / "boolq_bench.jsonl"
     path.write_text("".join(json.dumps({"question": it["question"], "passage": it["passage"],
                                         "label": bool(it["label"]), "idx": it["idx"]}) + "\n" for it in items))
-    cfg = {"tasks": ["boolq"], "boolq_path": str(path), "batch_size": s.boolq_batch, "bootstrap_iters": 0}
+    cfg = {"tasks": ["boolq"], "boolq_path": str(path), "batch_size": s.boolq_batch, "bootstrap_iters": 0,
+           "boolq_balanced": False}  # file order, as score_yes_no reads the items: the two are compared item by item
     prompt_tokens = [len(tokenizer.encode(boolq_prompt(it))) for it in items]
     tokens = sum(prompt_tokens) + len(items)  # every prompt, plus the one answer token each side scores
     p0 = boolq_prompt(items[0])

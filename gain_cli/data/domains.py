@@ -119,13 +119,21 @@ def ensure_domains(domains_cfg: Mapping[str, Any], cache_dir: str | Path, log=pr
 def _materialize_hub(domains_cfg: Mapping[str, Any], d: Domain, log) -> None:
     spec = (domains_cfg.get("hub") or {}).get(d.name)
     if not spec:
-        raise GainError(f"domain '{d.name}' has no entry under domains.hub (dataset path, name, splits, text_field)")
+        raise GainError(f"domain '{d.name}' has no entry under domains.hub (dataset path, name, revision, splits, "
+                        "text_field)")
     from datasets import load_dataset
 
     field = spec.get("text_field", "text")
     for split, key, default in (("train", "train_split", "train"), ("validation", "validation_split", "validation")):
         log(f"downloading {spec['path']} [{spec.get(key, default)}] for domain '{d.name}'")
-        ds = load_dataset(spec["path"], spec.get("name"), split=spec.get(key, default))
+        try:
+            ds = load_dataset(spec["path"], spec.get("name"), split=spec.get(key, default), revision=spec.get("revision"))
+        except RuntimeError as exc:  # datasets >= 4 refuses loading scripts
+            if "scripts are no longer supported" not in str(exc):
+                raise
+            raise GainError(f"dataset {spec['path']} (domain '{d.name}') needs a loading script, which datasets >= 4 "
+                            "refuses: point domains.hub." f"{d.name} at a parquet copy, or at the hub's parquet "
+                            "conversion with revision: refs/convert/parquet") from exc
         if field not in ds.column_names:
             raise GainError(f"dataset {spec['path']} has no field '{field}' (fields: {', '.join(ds.column_names)})")
         write_documents(d.path(split), (t for t in ds[field] if t and t.strip()))

@@ -12,11 +12,15 @@ Either way the result is reported under the name ``boolq``. A local file is eval
 (``boolq_balanced``, default true: each side in file order, the longer side's rest at the end), so that the first N
 items that ``limit`` keeps are balanced (±1) whatever the file's order. ``cloze`` is gain's local LAMBADA-style
 last-word task on ``cloze_path`` (gain_cli/evaluation/cloze.py). Other names in ``tasks`` go to lm-eval's default task
-index unchanged (building that index costs 5-9 s, once per process); a path to a task YAML file is
-loaded as is.
+index unchanged (building that index costs 5-9 s, once per process; it is local, no download); a path to a task YAML
+file is loaded as is, a path to a ``.jsonl`` file is a multiple-choice or log-likelihood task in gain's JSONL
+convention (gain_cli/evaluation/jsonl_tasks.py). ``limit`` and ``num_fewshot`` are one value for every task or a
+mapping per task; every metric lm-eval reports is kept (acc, acc_norm, their stderrs, ...). See
+docs/downstream-tasks.md.
 
-``score_yes_no`` is a fast path for BoolQ-style yes/no items that gives the same per-item choices as lm-eval's
-log-likelihood comparison: one forward pass per batch of prompts when " yes" and " no" are single tokens.
+The fast path (end of this module) scores lm-eval's single-token continuations in one pass with lm-eval's own
+numbers, the log-softmax in the model's dtype as lm-eval takes it: ``score_multiple_choice`` / ``score_yes_no`` pick
+lm-eval's per-item choices, ``harness_results(..., fast=True)`` runs lm-eval with it. Runs use lm-eval's own scoring.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ HARNESS_DEFAULTS: dict[str, Any] = {
     "cloze_path": None,      # task `cloze`: a LAMBADA-format JSONL; null/"builtin": the packaged 16-item file
     "limit": None,           # int: first N items per task; float in (0, 1): that fraction
     "batch_size": 8,
-    "num_fewshot": 0,
+    "num_fewshot": 0,         # int: every task; {task: n}: per task (a task not named: 0); null: the task's own default
     "bootstrap_iters": 1000,  # only for bootstrapped stderrs (e.g. perplexity); acc has a closed form
     "progress": False,        # lm-eval / datasets progress bars
     "save_samples": False,    # also keep lm-eval's per-item samples files next to each row's results file
@@ -126,8 +130,67 @@ def _one_limit(limit: Any, key: str) -> int | float | None:
     return int(limit) if float(limit) >= 1 else float(limit)
 
 
+def _one_fewshot(n: Any, key: str) -> int | None:
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+        raise GainError(f"{key} must be null or an integer >= 0, got {n!r}")
+    return n
+
+
+def per_task(cfg: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """``{task: value}`` of a resolved config's ``limit`` or ``num_fewshot`` (one value for all, or a mapping)."""
+    value = cfg[key]
+    return dict(value) if isinstance(value, Mapping) else {t: value for t in cfg["tasks"]}
+
+
+def task_label(entry: str) -> str:
+    """The name lm-eval reports an ``eval.harness.tasks`` entry under: the entry itself for a task name, the stem of a
+    JSONL task file, the ``task:`` of a task YAML (its stem when the file cannot be read or names none)."""
+    path = Path(os.path.expanduser(entry))
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return path.stem
+    if suffix in (".yaml", ".yml"):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return path.stem
+        import re
+
+        found = re.search(r"""^task:[ \t]*['"]?([^'"#\s]+)""", text, re.M)
+        return found.group(1) if found else path.stem
+    return entry
+
+
+_WARNED_KEYS: set[tuple[str, str]] = set()  # (key, absent names) warned about
+
+
+def _mapping_per_task(mapping: Mapping[str, Any], tasks: Sequence[str], key: str) -> dict[str, Any]:
+    """A per-task mapping keyed by ``eval.harness.tasks`` entries or by the names they report under (a task file's
+    task name: ``{tiny_mc2: 3}`` for ``tasks: [data/tiny_mc2.jsonl]``), re-keyed by the entries. Keys that name no
+    task of ``tasks`` are left out, with a warning once per process (a recipe's per-task table may name tasks a run
+    leaves out: ``eval.harness.tasks=[boolq]`` on the GPU eval config)."""
+    lookup = {t: t for t in tasks}
+    for t in tasks:
+        lookup.setdefault(task_label(t), t)
+    out: dict[str, Any] = {}
+    for k, v in mapping.items():
+        entry = lookup.get(str(k))
+        if entry is None:
+            continue
+        if entry in out:
+            raise GainError(f"eval.harness.{key} names the task '{entry}' twice")
+        out[entry] = v
+    absent = ", ".join(sorted(str(k) for k in mapping if str(k) not in lookup))
+    if absent and (key, absent) not in _WARNED_KEYS:
+        _WARNED_KEYS.add((key, absent))
+        log.warning("eval.harness.%s names %s, not in eval.harness.tasks (%s): left out", key, absent, ", ".join(tasks))
+    return out
+
+
 def resolve_harness_cfg(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Defaults filled in and values checked (GainError on unknown keys or bad values)."""
+    """Defaults filled in and values checked (GainError on unknown keys or bad values). A per-task ``limit`` or
+    ``num_fewshot`` mapping comes back keyed by every entry of ``tasks`` (limit: null, num_fewshot: 0 where the
+    mapping names no value)."""
     raw = dict(cfg or {})
     unknown = sorted(set(raw) - set(HARNESS_DEFAULTS))
     if unknown:
@@ -144,19 +207,19 @@ def resolve_harness_cfg(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
     out["tasks"] = tasks
     limit = out["limit"]
     if isinstance(limit, Mapping):  # one limit per task: {boolq: 48, cloze: 100}
-        unknown = sorted(set(limit) - set(tasks))
-        if unknown:
-            raise GainError(f"eval.harness.limit names task(s) {', '.join(unknown)} that are not in eval.harness.tasks "
-                            f"({', '.join(tasks)})")
-        out["limit"] = {t: _one_limit(limit.get(t), f"eval.harness.limit.{t}") for t in tasks}
+        limits = _mapping_per_task(limit, tasks, "limit")
+        out["limit"] = {t: _one_limit(limits.get(t), f"eval.harness.limit.{t}") for t in tasks}
     else:
         out["limit"] = _one_limit(limit, "eval.harness.limit")
+    nf = out["num_fewshot"]
+    if isinstance(nf, Mapping):  # shots per task: {boolq: 0, hellaswag: 10}; a task the mapping does not name: 0
+        shots = _mapping_per_task(nf, tasks, "num_fewshot")
+        out["num_fewshot"] = {t: _one_fewshot(shots.get(t, 0), f"eval.harness.num_fewshot.{t}") for t in tasks}
+    else:
+        out["num_fewshot"] = _one_fewshot(nf, "eval.harness.num_fewshot")
     bs = out["batch_size"]
     if isinstance(bs, bool) or not ((isinstance(bs, int) and bs >= 1) or (isinstance(bs, str) and bs.startswith("auto"))):
         raise GainError(f"eval.harness.batch_size must be a positive integer or 'auto', got {bs!r}")
-    nf = out["num_fewshot"]
-    if nf is not None and (isinstance(nf, bool) or not isinstance(nf, int) or nf < 0):
-        raise GainError(f"eval.harness.num_fewshot must be null or an integer >= 0, got {nf!r}")
     out["enabled"] = bool(out["enabled"])
     out["boolq_balanced"] = bool(out["boolq_balanced"])
     out["progress"] = bool(out["progress"])
@@ -387,21 +450,44 @@ def _default_task_manager() -> Any:
     return _DEFAULT_TASK_MANAGER
 
 
+TASK_FILE_SUFFIXES = (".yaml", ".yml", ".jsonl")  # a task YAML (lm-eval's format) or a bare JSONL task file
+
+
 def task_file(name: str) -> Path | None:
-    """The task YAML file an ``eval.harness.tasks`` entry names, or None (a task name)."""
+    """The task file (a task YAML or a bare JSONL task, gain_cli/evaluation/jsonl_tasks.py) an ``eval.harness.tasks``
+    entry names, or None (a task name). GainError for an entry that names a task file that is not there."""
     path = Path(os.path.expanduser(name))
-    return path.resolve() if path.suffix in (".yaml", ".yml") and path.is_file() else None
+    if path.suffix.lower() not in TASK_FILE_SUFFIXES:
+        return None
+    if not path.is_file():
+        raise GainError(f"eval.harness.tasks: task file '{name}' does not exist (a task YAML or a JSONL task file; "
+                        "relative paths are taken from the working directory)")
+    return path.resolve()
 
 
 LOCAL_TASKS = ("boolq", "cloze")  # built by gain from local data (a name lm-eval also knows, for boolq)
 
 
 def check_task_names(tasks) -> None:
-    """Every ``eval.harness.tasks`` entry is a local task, a task YAML file or a task lm-eval knows: one line now,
-    not after the model loads and the base evaluation ran. lm-eval's index is built only when a name needs it."""
+    """Every ``eval.harness.tasks`` entry is a local task, a task YAML file, a JSONL task file (checked line by line)
+    or a task lm-eval knows: one line now, not after the model loads and the base evaluation ran. lm-eval's index is
+    built only when a name needs it (it is local: no download)."""
     import difflib
 
-    others = [str(t) for t in tasks if str(t) not in LOCAL_TASKS and task_file(str(t)) is None]
+    from gain_cli.evaluation.jsonl_tasks import jsonl_task_name, load_task_jsonl
+
+    others: list[str] = []
+    names: dict[str, str] = {}
+    for entry in map(str, tasks):
+        path = task_file(entry)
+        if path is not None and path.suffix.lower() == ".jsonl":
+            name = jsonl_task_name(path)
+            load_task_jsonl(path)
+            if name in names or (name in LOCAL_TASKS and name in map(str, tasks)):
+                raise GainError(f"eval.harness.tasks: two tasks named '{name}' ({names.get(name, name)}, {entry})")
+            names[name] = entry
+        elif path is None and entry not in LOCAL_TASKS:
+            others.append(entry)
     if not others:
         return
     known = set(_default_task_manager().all_tasks)
@@ -410,7 +496,7 @@ def check_task_names(tasks) -> None:
             close = difflib.get_close_matches(name, sorted(known) + list(LOCAL_TASKS), n=5)
             hint = f"close: {', '.join(close)}" if close else "see `lm-eval ls tasks`"
             raise GainError(f"eval.harness.tasks: unknown task '{name}' (local: {', '.join(LOCAL_TASKS)}, a task YAML "
-                            f"file, or one of lm-eval's {len(known):,} tasks; {hint})")
+                            f"or JSONL task file, or one of lm-eval's {len(known):,} tasks; {hint})")
 
 
 def _write_if_changed(path: Path, text: str) -> None:
@@ -467,9 +553,20 @@ class _HFLMFactory:
             from lm_eval.models.huggingface import HFLM
 
             class GainHFLM(HFLM):
-                """HFLM on a model object: no hub lookups for model info, optional progress bars."""
+                """HFLM on a model object: no hub lookups for model info, optional progress bars, and (with
+                ``fast_single_token``) the one-pass scorer for single-token continuations."""
 
                 show_progress = False
+                fast_single_token = False
+
+                def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+                    def lm_eval_scores(reqs):
+                        return super(GainHFLM, self)._loglikelihood_tokens(reqs, disable_tqdm=disable_tqdm,
+                                                                           override_bs=override_bs)
+
+                    if not self.fast_single_token:
+                        return lm_eval_scores(requests)
+                    return _fast_loglikelihood_tokens(self, requests, override_bs, lm_eval_scores)
 
                 def get_model_info(self) -> dict:
                     return {"model_num_parameters": sum(p.numel() for p in self._model.parameters()),
@@ -489,18 +586,17 @@ class _HFLMFactory:
 
 
 def harness_results(model: torch.nn.Module, tokenizer: Any, cfg: Mapping[str, Any] | None, work_dir: str | Path,
-                    *, log_samples: bool = False) -> dict[str, Any] | None:
+                    *, log_samples: bool = False, fast: bool = False) -> dict[str, Any] | None:
     """Run lm-eval on the model in memory and return its full results dict (None if disabled or no tasks).
 
-    ``log_samples=True`` keeps lm-eval's per-item records under ``["samples"][task]``.
+    ``log_samples=True`` keeps lm-eval's per-item records under ``["samples"][task]``. ``fast=True`` scores the
+    requests whose continuation is a single token with the one-pass scorer (``score_single_token_requests``: the
+    same numbers as lm-eval's, see the fast path below); lm-eval builds, scores the rest of, and evaluates everything.
     """
     cfg = resolve_harness_cfg(cfg)
     if not cfg["enabled"] or not cfg["tasks"]:
         return None
-    from transformers import PreTrainedTokenizer, PreTrainedTokenizerFast
-
-    if not isinstance(tokenizer, (PreTrainedTokenizer, PreTrainedTokenizerFast)):  # what HFLM accepts
-        raise GainError(f"the harness needs a transformers tokenizer, got {type(tokenizer).__name__}")
+    _check_tokenizer(tokenizer)
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
 
@@ -523,7 +619,11 @@ def harness_results(model: torch.nn.Module, tokenizer: Any, cfg: Mapping[str, An
             specs.append(str(local_dir / "cloze.yaml"))
             continue
         path = task_file(name)
-        if path is not None:
+        if path is not None and path.suffix.lower() == ".jsonl":
+            from gain_cli.evaluation.jsonl_tasks import write_jsonl_task
+
+            specs.append(str(write_jsonl_task(path, work_dir, _write_if_changed)))
+        elif path is not None:
             specs.append(str(path))
         else:
             specs.append(name)
@@ -542,15 +642,16 @@ def harness_results(model: torch.nn.Module, tokenizer: Any, cfg: Mapping[str, An
             lm = lm_cls(pretrained=HarnessModelAdapter(model), tokenizer=tokenizer, batch_size=cfg["batch_size"],
                         max_batch_size=64)
             lm.show_progress = cfg["progress"]
-            # one lm-eval call per distinct limit (a per-task limit mapping); their results merged
-            limits = cfg["limit"] if isinstance(cfg["limit"], dict) else {t: cfg["limit"] for t in cfg["tasks"]}
-            by_limit: dict[Any, list[str]] = {}
+            lm.fast_single_token = fast
+            # one lm-eval call per distinct (limit, num_fewshot) (per-task mappings); their results merged
+            limits, shots = per_task(cfg, "limit"), per_task(cfg, "num_fewshot")
+            calls: dict[tuple[Any, Any], list[str]] = {}
             for name, spec in zip(cfg["tasks"], specs):
-                by_limit.setdefault(limits[name], []).append(spec)
+                calls.setdefault((limits[name], shots[name]), []).append(spec)
             try:
                 results: dict[str, Any] = {}
-                for limit, group in by_limit.items():
-                    part = simple_evaluate(model=lm, tasks=group, num_fewshot=cfg["num_fewshot"], limit=limit,
+                for (limit, num_fewshot), group in calls.items():
+                    part = simple_evaluate(model=lm, tasks=group, num_fewshot=num_fewshot, limit=limit,
                                            task_manager=task_manager, bootstrap_iters=cfg["bootstrap_iters"],
                                            log_samples=log_samples)
                     for key, value in (part or {}).items():
@@ -563,10 +664,17 @@ def harness_results(model: torch.nn.Module, tokenizer: Any, cfg: Mapping[str, An
                     raise
                 raise GainError(f"eval.harness.tasks: {exc.args[0] if exc.args else exc}") from exc
             except OSError as exc:  # datasets: ConnectionError / DatasetNotFoundError / missing files
-                hint = (" (the hub is offline: tasks other than a local boolq need their data in the HF datasets cache)"
-                        if hub_offline() else "")
+                hint = (" (the hub is offline: tasks other than local ones (boolq, cloze, task files) need their data "
+                        "in the HF datasets cache)" if hub_offline() else "")
                 first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 raise GainError(f"eval.harness: lm-eval could not load a task's data: {first}{hint}") from exc
+            except RuntimeError as exc:  # datasets >= 4 refuses the loading scripts of old hub datasets
+                if "scripts are no longer supported" not in str(exc):
+                    raise
+                raise GainError(f"eval.harness: {str(exc).splitlines()[0]}: this lm-eval's task loads its data with a "
+                                "dataset script, which datasets >= 4 refuses; lm-eval >= 0.4.10 reads script-free "
+                                "copies (e.g. piqa: baber/piqa), or give a task YAML with a parquet dataset_path "
+                                "(docs/downstream-tasks.md)") from exc
             finally:
                 lm._model = None  # HFLM holds the model; let it go with the call
     return results
@@ -675,21 +783,15 @@ def run_harness(model: torch.nn.Module, tokenizer: Any, cfg: Mapping[str, Any] |
 
 
 # --------------------------------------------------------------------------------------------- fast path
-
-
-def _max_length(model: torch.nn.Module, tokenizer: Any) -> int:
-    """lm-eval's HFLM context window (resolve_max_length): config n_positions / max_position_embeddings / n_ctx,
-    then tokenizer.model_max_length, then 2048."""
-    config = getattr(model, "config", None)
-    cfg = getattr(config, "text_config", None) or config
-    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
-        value = getattr(cfg, attr, None)
-        if value is not None:
-            return int(value)
-    mml = getattr(tokenizer, "model_max_length", None)
-    if mml is not None and mml != 1000000000000000019884624838656:
-        return int(mml)
-    return 2048
+#
+# The one-pass scorer: lm-eval's (log-likelihood, is_greedy) of every request whose continuation is a single token,
+# computed the way HFLM._loglikelihood_tokens computes it (same context windows, batches and right padding with 0
+# and no mask, the log-softmax in the logits' own dtype, e.g. bf16 on a bf16 model, HFLM's ``softmax_dtype`` when
+# set, the same argmax for is_greedy), in less work: one forward per distinct context (as lm-eval's
+# one-token-continuation cache), the LM head and the log-softmax only at each context's last position (HF's
+# ``logits_to_keep``) where lm-eval computes them at every position. Multi-token continuations are left to lm-eval's
+# own code. Used through ``harness_results(..., fast=True)`` and by ``score_multiple_choice`` / ``score_yes_no``
+# (gain bench); runs use lm-eval's scoring.
 
 
 def _right_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -703,7 +805,8 @@ def _right_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
 
 def _forward_logprobs(model: torch.nn.Module, rows: list[list[int]], pad_id: int,
                       dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Right-padded batch through the model; log-softmax over the vocabulary, [batch, len, vocab]."""
+    """Right-padded batch through the model with its padding mask; log-softmax over the vocabulary,
+    [batch, len, vocab] (the reference the fast path is checked against)."""
     ids, lengths = _right_padded(rows, pad_id)
     mask = (torch.arange(ids.shape[1]) < lengths[:, None]).long()
     device = model_device(model)
@@ -713,20 +816,23 @@ def _forward_logprobs(model: torch.nn.Module, rows: list[list[int]], pad_id: int
 
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     """Whether ``model(...)`` takes HF's ``logits_to_keep`` (LM head on chosen positions only); PeftModel forwards
-    it to its base model."""
-    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    it to its base model, HarnessModelAdapter to the model it wraps."""
+    target = model.inner if isinstance(model, HarnessModelAdapter) else model
+    target = target.get_base_model() if hasattr(target, "get_base_model") else target
     return _forward_parameter(target, "logits_to_keep") is not None
 
 
 def _next_token_logprobs(model: torch.nn.Module, rows: list[list[int]], pad_id: int, needs_mask: bool,
-                         keeps_logits: bool) -> torch.Tensor:
-    """Log-probabilities of the token after each row, [batch, vocab].
+                         keeps_logits: bool, dtype: torch.dtype | None = None,
+                         autocast: torch.dtype | None = None) -> torch.Tensor:
+    """Log-probabilities of the token after each row, [batch, vocab], in the logits' dtype (``dtype`` when given:
+    lm-eval's ``softmax_dtype``); the forward under ``autocast`` when given (lm-eval's ``mixed_precision_dtype``).
 
-    Rows are right-padded and go in without a padding mask: in a causal LM a row's last real position only attends
-    to the positions before it, so the pads after it change nothing there, and the model takes its unmasked causal
-    fast path. Only the last real position of each row goes through the LM head when the model accepts
-    ``logits_to_keep`` (``keeps_logits``; a 1-D tensor of positions, the same for the whole batch: the distinct last
-    positions). ``needs_mask``: the model's forward requires an attention mask (all ones here).
+    Rows are right-padded and go in without a padding mask (as lm-eval's): in a causal LM a row's last real position
+    only attends to the positions before it, so the pads after it change nothing there. Only the last real position
+    of each row goes through the LM head when the model accepts ``logits_to_keep`` (``keeps_logits``; a 1-D tensor of
+    positions, the same for the whole batch: the distinct last positions). ``needs_mask``: the model's forward
+    requires an attention mask (all ones here).
     """
     ids, lengths = _right_padded(rows, pad_id)
     last = lengths - 1
@@ -739,62 +845,138 @@ def _next_token_logprobs(model: torch.nn.Module, rows: list[list[int]], pad_id: 
         kwargs["logits_to_keep"] = keep.to(device)
     else:
         where = last
-    logits = _logits_of(model(input_ids=ids.to(device), **kwargs))
+    with torch.autocast(device_type=device.type, dtype=autocast, enabled=autocast is not None):
+        logits = _logits_of(model(input_ids=ids.to(device), **kwargs))
     picked = logits[torch.arange(len(rows), device=logits.device), where.to(logits.device)]
-    return torch.log_softmax(picked.float(), dim=-1)
+    return torch.log_softmax(picked, dim=-1, dtype=dtype)  # outside autocast, in the logits' dtype: as lm-eval
+
+
+def score_single_token_requests(model: torch.nn.Module, contexts: Sequence[Sequence[int]], tokens: Sequence[int],
+                                batch_size: int = 8, max_length: int = 2048, softmax_dtype: torch.dtype | None = None,
+                                autocast: torch.dtype | None = None) -> list[tuple[float, bool]]:
+    """lm-eval's ``(log-probability, is_greedy)`` of token ``tokens[i]`` right after the token ids ``contexts[i]``.
+
+    As HFLM._loglikelihood_tokens does for a one-token continuation: the window is the context's last
+    ``max_length`` tokens; requests with the same context share one forward, the contexts go in lm-eval's order
+    (longest first, then by their ids) in batches of ``batch_size``, right-padded with 0, without a mask; the
+    log-softmax is taken in the logits' dtype (``softmax_dtype`` when given) and the log-probability read from it,
+    so a bf16 model's near-tied choices tie exactly where lm-eval's do; is_greedy is the argmax of those
+    log-probabilities (the first maximum) being the token. The model must be causal.
+    """
+    if batch_size < 1:
+        raise GainError(f"batch_size must be >= 1, got {batch_size}")
+    if len(contexts) != len(tokens):
+        raise ValueError(f"{len(contexts)} contexts for {len(tokens)} tokens")
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, ctx in enumerate(contexts):
+        if not ctx:
+            raise GainError(f"request {i}: empty context (lm-eval gives the prefix token as the context)")
+        groups.setdefault(tuple(ctx), []).append(i)
+    order = sorted(groups, key=lambda c: (-len(c), c))
+    target = model.inner if isinstance(model, HarnessModelAdapter) else model
+    needs_mask = _needs_attention_mask(model)
+    keeps_logits = _accepts_logits_to_keep(model)
+    out: list[tuple[float, bool] | None] = [None] * len(contexts)
+    with eval_mode(target), no_kv_cache(target):
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            lp = _next_token_logprobs(model, [list(c[-max_length:]) for c in chunk], 0, needs_mask, keeps_logits,
+                                      softmax_dtype, autocast)
+            greedy = lp.argmax(dim=-1).tolist()
+            for row, ctx in enumerate(chunk):
+                for i in groups[ctx]:
+                    out[i] = (float(lp[row, tokens[i]]), greedy[row] == tokens[i])
+    return out  # type: ignore[return-value]
+
+
+def _fast_loglikelihood_tokens(lm: Any, requests: list, override_bs: int | None, lm_eval_scores) -> list:
+    """GainHFLM._loglikelihood_tokens with ``fast_single_token``: requests ``((context, continuation), context ids,
+    continuation ids)`` whose continuation is one token scored by ``score_single_token_requests``, the others by
+    lm-eval's own code (``lm_eval_scores``); lm-eval's answers in request order, cached as lm-eval caches them."""
+    batch_size = override_bs or lm.batch_size
+    if lm.backend != "causal" or isinstance(batch_size, bool) or not isinstance(batch_size, int):
+        return lm_eval_scores(requests)  # seq2seq, or batch_size "auto": lm-eval's own scoring throughout
+    single = [i for i, req in enumerate(requests) if len(req[2]) == 1]
+    if not single:
+        return lm_eval_scores(requests)
+    out: list[Any] = [None] * len(requests)
+    rest = [i for i, req in enumerate(requests) if len(req[2]) != 1]
+    if rest:
+        for i, answer in zip(rest, lm_eval_scores([requests[i] for i in rest])):
+            out[i] = answer
+    answers = score_single_token_requests(lm.model, [requests[i][1] for i in single],
+                                          [requests[i][2][0] for i in single], batch_size=batch_size,
+                                          max_length=lm.max_length, softmax_dtype=lm.softmax_dtype,
+                                          autocast=lm.mixed_precision_dtype)
+    for i, answer in zip(single, answers):
+        out[i] = answer
+        if requests[i][0] is not None:
+            lm.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+    return out
+
+
+def _check_tokenizer(tokenizer: Any) -> None:
+    from transformers import PreTrainedTokenizer, PreTrainedTokenizerFast
+
+    if not isinstance(tokenizer, (PreTrainedTokenizer, PreTrainedTokenizerFast)):  # what HFLM accepts
+        raise GainError(f"the harness needs a transformers tokenizer, got {type(tokenizer).__name__}")
+
+
+def choice_loglikelihoods(model: torch.nn.Module, tokenizer: Any, items: Sequence[tuple[str, Sequence[str]]],
+                          batch_size: int = 8, target_delimiter: str = TARGET_DELIMITER) -> list[list[float]]:
+    """Per item ``(context, choices)`` the log-likelihood of each ``target_delimiter + choice`` after ``context``:
+    lm-eval's numbers for a multiple-choice doc (its HFLM.loglikelihood on the requests lm-eval builds for such a doc:
+    the same encoding, truncation and scores), single-token choices in one pass (``score_single_token_requests``),
+    longer ones by lm-eval's own code."""
+    if batch_size < 1:
+        raise GainError(f"batch_size must be >= 1, got {batch_size}")
+    _check_tokenizer(tokenizer)
+    lm_cls = _HFLMFactory.get()
+    from lm_eval.api.instance import Instance
+
+    requests = [Instance(request_type="loglikelihood", doc={}, arguments=(ctx, target_delimiter + choice), idx=k)
+                for ctx, choices in items for k, choice in enumerate(choices)]
+    with _quiet_lmeval(False), eval_mode(model), no_kv_cache(model):
+        lm = lm_cls(pretrained=HarnessModelAdapter(model), tokenizer=tokenizer, batch_size=batch_size,
+                    max_batch_size=64)
+        lm.fast_single_token = True
+        try:
+            scores = [ll for ll, _greedy in lm.loglikelihood(requests, disable_tqdm=True)]
+        finally:
+            lm._model = None
+    out, at = [], 0
+    for _ctx, choices in items:
+        out.append(scores[at:at + len(choices)])
+        at += len(choices)
+    return out
+
+
+def pick_choice(lls: Sequence[float], choices: Sequence[str] | None = None) -> int:
+    """lm-eval's multiple-choice pick: ``argmax`` of the log-likelihoods (the first of equal maxima: ``acc``), or, with
+    ``choices``, of the log-likelihoods divided by each choice's length in characters (``acc_norm``)."""
+    import numpy as np
+
+    values = np.asarray(lls, dtype=float)
+    if choices is not None:
+        values = values / np.array([float(len(c)) for c in choices])
+    return int(np.argmax(values))
+
+
+def score_multiple_choice(model: torch.nn.Module, tokenizer: Any, items: Sequence[tuple[str, Sequence[str]]],
+                          batch_size: int = 8, target_delimiter: str = TARGET_DELIMITER,
+                          norm: bool = False) -> list[int]:
+    """Per item ``(context, choices)`` the index lm-eval's multiple-choice comparison picks (``acc``; ``norm``: the
+    length-normalised pick of ``acc_norm``). One forward per batch of contexts when every choice is one token after
+    its context (as for BoolQ's " yes"/" no" or " A"-" D" on most tokenizers)."""
+    lls = choice_loglikelihoods(model, tokenizer, items, batch_size, target_delimiter)
+    return [pick_choice(ll, list(choices) if norm else None) for ll, (_ctx, choices) in zip(lls, items)]
 
 
 def score_yes_no(model: torch.nn.Module, tokenizer: Any, items: Sequence[Mapping[str, Any]],
                  batch_size: int = 8) -> list[int]:
     """Per item 1 if lm-eval's BoolQ comparison picks "yes", else 0 (ties go to "no", like its argmax).
 
-    Scores ``prompt + " yes"`` vs ``prompt + " no"`` exactly as lm-eval's HFLM.loglikelihood does (same context
-    encoding, same left truncation, sum of continuation log-probs). Items whose two continuations are single tokens
-    need one forward pass per batch of prompts (the two next-token log-probs at the prompt's last position, prompts
-    batched longest first, the LM head only on those positions); any others are scored as full
-    context+continuation sequences. The model must be causal (every model gain trains is).
+    ``score_multiple_choice`` on the BoolQ prompt with the choices "no", "yes": ``prompt + " yes"`` vs
+    ``prompt + " no"`` scored exactly as lm-eval's HFLM.loglikelihood does, the log-softmax in the model's dtype.
     """
-    if batch_size < 1:
-        raise GainError(f"batch_size must be >= 1, got {batch_size}")
-    max_len = _max_length(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    # lm-eval: the context is encoded with the tokenizer's default special tokens (unless it already starts with BOS)
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    bos_str = tokenizer.decode(bos) if bos is not None else None
-
-    def encode(text: str) -> list[int]:
-        if bos_str and text.startswith(bos_str):
-            return tokenizer.encode(text, add_special_tokens=False)
-        return tokenizer.encode(text)
-
-    fast: list[tuple[int, list[int], int, int]] = []           # (item, input window, " no" id, " yes" id)
-    slow: list[tuple[int, int, list[int], list[int]]] = []     # (item, choice, input window, continuation ids)
-    for i, item in enumerate(items):
-        prompt = boolq_prompt(item)
-        ctx = encode(prompt)
-        conts = [encode(prompt + TARGET_DELIMITER + choice)[len(ctx):] for choice in BOOLQ_CHOICES]
-        if any(len(c) == 0 for c in conts):
-            raise GainError(f"item {i}: the tokenizer gives an empty continuation for ' yes' or ' no'")
-        if all(len(c) == 1 for c in conts):
-            fast.append((i, ctx[-max_len:], conts[0][0], conts[1][0]))
-        else:
-            for choice, cont in enumerate(conts):
-                slow.append((i, choice, (ctx + cont)[-(max_len + 1):][:-1], cont))
-    scores = torch.zeros((len(items), 2), dtype=torch.float64)
-    needs_mask, keeps_logits = _needs_attention_mask(model), _accepts_logits_to_keep(model)
-    with eval_mode(model), no_kv_cache(model):
-        fast.sort(key=lambda c: -len(c[1]))   # similar lengths share a batch: little padding
-        for start in range(0, len(fast), batch_size):
-            chunk = fast[start:start + batch_size]
-            lp = _next_token_logprobs(model, [c[1] for c in chunk], pad_id, needs_mask, keeps_logits)
-            for row, (i, _window, no_id, yes_id) in enumerate(chunk):
-                scores[i, 0] = float(lp[row, no_id])
-                scores[i, 1] = float(lp[row, yes_id])
-        slow.sort(key=lambda c: -len(c[2]))
-        for start in range(0, len(slow), batch_size):
-            chunk = slow[start:start + batch_size]
-            lp = _forward_logprobs(model, [c[2] for c in chunk], pad_id)
-            for row, (i, choice, window, cont) in enumerate(chunk):
-                pos = torch.arange(len(window) - len(cont), len(window))
-                scores[i, choice] = float(lp[row, pos, torch.tensor(cont)].sum())
-    return [1 if scores[i, 1] > scores[i, 0] else 0 for i in range(len(items))]
+    return score_multiple_choice(model, tokenizer, [(boolq_prompt(it), BOOLQ_CHOICES) for it in items], batch_size)

@@ -63,6 +63,9 @@ class Method(ABC):
     cumulative_state: ClassVar[bool] = False  # True: the last stage's state alone rebuilds the model
     # why the method cannot train sharded (train.sharding=fsdp); None: it can (open/close_sharded_stage below)
     sharding_refusal: ClassVar[str | None] = "it has no sharded implementation"
+    # why the method cannot train boundary-free (train.domain_schedule=drift: attached once, never merged, no domain
+    # labels; gain_cli.training.drift); None: it can
+    boundary_refusal: ClassVar[str | None] = None
 
     def __init__(self, cfg: Mapping[str, Any], spec: ArchSpec):
         self.cfg = dict(cfg)

@@ -52,6 +52,8 @@ ACCUMULATE = ("sum", "mean")
 @register("ewc")
 class EWC(OnBaseMethod):
     FISHER, ANCHOR, META = "ewc_fisher/", "ewc_anchor/", "ewc_meta/"
+    boundary_refusal = ("it needs stage boundaries: its penalty anchors the weights where each finished domain's stage "
+                        "ended, weighted by a Fisher estimate on that domain's data")
 
     def __init__(self, cfg: Mapping[str, Any], spec):
         super().__init__(cfg, spec)

@@ -10,7 +10,8 @@ feedforward; gpt2: c_attn, mlp.c_proj with mlp.c_proj feedforward). Where PEFT h
 (phi3) the architecture table's ``ia3_targets`` / ``ia3_feedforward`` are used.
 
 Config (``configs/method/ia3.yaml``): lr, target_modules (null = defaults), feedforward_modules
-(null = the default feedforward modules that are among the targets).
+(null = the targets that name the default feedforward modules, matched by the modules they name: ``mlp.down_proj``
+is PEFT's feedforward ``down_proj``; see ``feedforward_among``).
 Merge: PEFT's ``merge_and_unload`` (weights multiplied by the fp32 vectors, cast back once).
 State: ``get_peft_model_state_dict`` / ``set_peft_model_state_dict``.
 """
@@ -48,6 +49,29 @@ def _as_list(v: Any) -> list[str] | None:
     return [v] if isinstance(v, str) else [str(x) for x in v]
 
 
+def _names_within(key: str, other: str) -> bool:
+    """Every module the target key ``key`` matches is matched by ``other`` too (PEFT matches a key against a module
+    name by equality or as a dotted suffix: ``mlp.down_proj`` lies within ``down_proj``, not the other way round)."""
+    return key == other or key.endswith("." + other)
+
+
+def feedforward_among(targets: list[str], default_ff: list[str]) -> list[str]:
+    """The targets that name feedforward modules, matched by the modules they name, not by spelling: with PEFT's
+    default feedforward ``down_proj``, the target ``mlp.down_proj`` is feedforward. A target that names feedforward
+    and other modules at once (GPT-2's ``c_proj``: ``attn.c_proj`` and the feedforward ``mlp.c_proj``) is refused:
+    one (IA)³ vector side cannot serve both."""
+    ff = []
+    for t in targets:
+        if any(_names_within(t, f) for f in default_ff):
+            ff.append(t)
+        elif any(_names_within(f, t) for f in default_ff):
+            within = [f for f in default_ff if _names_within(f, t)]
+            raise GainError(f"method.target_modules entry '{t}' names feedforward modules ({', '.join(within)}) and "
+                            f"others at once: list them apart (e.g. attn.{t}, {within[0]}) or set "
+                            "method.feedforward_modules")
+    return ff
+
+
 def ia3_config(cfg: Mapping[str, Any], spec):
     """A PEFT ``IA3Config`` from a method config (``target_modules``, ``feedforward_modules``)."""
     from peft import IA3Config
@@ -63,7 +87,7 @@ def ia3_config(cfg: Mapping[str, Any], spec):
             _, default_ff = default_ia3_modules(spec)
         except GainError:
             default_ff = []
-        ff = [t for t in targets if t in default_ff]
+        ff = feedforward_among(targets, default_ff)
     bad = [f for f in ff if f not in targets]
     if bad:
         raise GainError(f"method.feedforward_modules must be a subset of method.target_modules (not in it: {bad})")

@@ -170,6 +170,7 @@ class OnBaseMethod(Method):
 @register("l2")
 class L2(OnBaseMethod):
     ANCHOR = "l2_anchor/"
+    boundary_refusal = "it needs stage boundaries: its penalty pulls toward the weights the previous stage ended with"
 
     def __init__(self, cfg: Mapping[str, Any], spec):
         super().__init__(cfg, spec)

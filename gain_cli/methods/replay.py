@@ -74,6 +74,9 @@ def stage_sequences(train_cfg: Mapping[str, Any], accelerator) -> int:
 
 @register("lora_replay")
 class LoraReplay(Lora):
+    boundary_refusal = ("it needs stage boundaries and domain labels: each stage mixes in buffers of the earlier "
+                        "domains' training data, chosen by domain")
+
     def __init__(self, cfg: Mapping[str, Any], spec):
         super().__init__(cfg, spec)
         self.fraction = float(self.cfg.get("replay_fraction", 0.1))

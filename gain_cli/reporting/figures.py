@@ -141,11 +141,16 @@ def relative_change_heatmap(rel: np.ndarray, row_labels: Sequence[str], col_labe
     return save_figure(fig, path, formats)
 
 
+#: how the curves name lm-eval's accuracy metrics
+METRIC_LABELS = {"acc": "accuracy", "acc_norm": "length-normalised accuracy"}
+
+
 def harness_curve(curves: Mapping[str, Sequence[float]], path: str | os.PathLike, task: str = "boolq",
                   stage_labels: Sequence[str] | None = None,
                   errors: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
-                  formats: Sequence[str] | None = None) -> Path:
-    """Per-stage accuracy of one harness task, one line per method (x = 0 base, 1..T stages; y in %).
+                  formats: Sequence[str] | None = None, metric: str = "acc") -> Path:
+    """Per-stage accuracy of one harness task, one line per method (x = 0 base, 1..T stages; y in %); ``metric``
+    names the lm-eval metric drawn (acc, acc_norm) in the labels.
 
     Styles from :func:`curve_styles`: equal curves stay visible (the later one thinner and dashed on top) and say
     so in the legend. ``errors``: per method the (lower, upper) ends of each point's interval, as fractions like
@@ -167,10 +172,11 @@ def harness_curve(curves: Mapping[str, Sequence[float]], path: str | os.PathLike
             ax.plot(x, y, **style)
     ax.set_xticks(range(n), labels=labels[:n], rotation=35 if n > 6 else 0, ha="right" if n > 6 else "center")
     ax.set_xlabel("after stage")
-    ax.set_ylabel(f"{task} accuracy (%)")
+    what = METRIC_LABELS.get(metric, metric)
+    ax.set_ylabel(f"{task} {what} (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(f"{task} accuracy after each stage", fontsize=10)
+    ax.set_title(f"{task} {what} after each stage", fontsize=10)
     return save_figure(fig, path, formats)
 
 

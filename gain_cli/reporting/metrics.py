@@ -34,7 +34,9 @@ Formulas and sign conventions
   (``k = j`` gives 0); larger = worse. ``max_forgetting_mean`` is its mean over ``j < T'``.
 * **Harness tasks** (e.g. BoolQ accuracy ``A[k]`` in [0, 1] per row ``k``): ``curve = A[0..T']``,
   ``delta_points[k] = 100 * (A[k] - A[0])`` and ``drop_points = 100 * (A[T'] - A[0])`` in accuracy
-  points. Negative = accuracy dropped vs the base model.
+  points. Negative = accuracy dropped vs the base model. Every task of the run gets them, from lm-eval's
+  ``acc`` (``ForgettingMetrics.harness``) and, for tasks that report it, its length-normalised ``acc_norm``
+  (:func:`harness_drops`); ``mean_drop_points`` is the unweighted mean of the tasks' drops.
 
 Edge cases
 ----------
@@ -69,7 +71,8 @@ SIGN_CONVENTIONS: dict[str, str] = {
     "max_forgetting": "max_{j<=k<=T} ln P[k,j] - ln P[j,j] for j < T: >= 0, larger = worse",
     "avg_final_log_ppl": "mean_j ln P[T,j] over all domains; lower = better",
     "avg_final_ppl": "mean_j P[T,j] over all domains (arithmetic); lower = better",
-    "harness_drop_points": "100 * (acc[T] - acc[0]) in accuracy points; negative = drop vs base",
+    "harness_drop_points": "100 * (acc[T] - acc[0]) in accuracy points, per lm-eval task (acc and, where the task "
+                           "reports it, acc_norm); negative = drop vs base",
 }
 
 #: Human-readable titles of the per-domain and summary metrics (used by tables and reports).
@@ -129,6 +132,9 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
     return obj
+
+
+jsonable = _jsonable  # for the reports' JSON files
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -217,3 +223,29 @@ def harness_metrics(accs: Any, n_rows: int | None = None) -> HarnessMetrics:
     delta = 100.0 * (a - a[0])
     return HarnessMetrics(curve=[float(x) for x in a], delta_points=[float(x) for x in delta],
                           drop_points=float(delta[-1]))
+
+
+#: the lm-eval metrics whose change vs base the reports show (accuracies in [0, 1]; higher = better)
+HARNESS_DROP_METRICS: tuple[str, ...] = ("acc", "acc_norm")
+
+
+def harness_drops(by_metric: Mapping[str, Mapping[str, Any] | None], n_rows: int | None = None
+                  ) -> dict[str, dict[str, HarnessMetrics]]:
+    """``metric -> task -> HarnessMetrics`` for every task and each of :data:`HARNESS_DROP_METRICS` it has.
+
+    ``by_metric``: ``metric -> task -> values per row`` (e.g. ``{"acc": run.harness, "acc_norm":
+    run.harness_extra.get("acc_norm")}``); a task whose curve is all NaN for a metric (lm-eval does not report that
+    metric for it, e.g. BoolQ's acc_norm) is left out of that metric. ``n_rows`` as in :func:`harness_metrics`."""
+    out: dict[str, dict[str, HarnessMetrics]] = {}
+    for metric in HARNESS_DROP_METRICS:
+        for task, values in (by_metric.get(metric) or {}).items():
+            a = np.asarray(values, dtype=float).reshape(-1)
+            if a.size and not np.all(np.isnan(a)):
+                out.setdefault(metric, {})[task] = harness_metrics(a, n_rows)
+    return out
+
+
+def mean_drop_points(drops: Mapping[str, HarnessMetrics]) -> float | None:
+    """Unweighted mean of the tasks' final drops (points); None without tasks, NaN when a task's drop is NaN."""
+    values = [h.drop_points for h in drops.values()]
+    return float(np.mean(values)) if values else None

@@ -8,6 +8,7 @@ Output directory::
     metrics.csv                (--format csv) the summary table; metrics_<metric>.csv the per-domain ones
     figures/heatmap_<run>.png  PPL change vs base per stage and domain, one per run, all on one colour scale
     figures/<task>_curve.png   per-stage accuracy of each harness task, one line per run
+    figures/<task>_acc_norm_curve.png   the same for lm-eval's acc_norm, for the tasks that report it
     figures/*.svg, *.pdf       every figure also as SVG and PDF (``figure_formats``), next to its PNG
 
 The heatmaps share one symmetric colour scale, ±max |PPL change| over every run of the report
@@ -19,17 +20,20 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
+
+import numpy as np
 
 from gain_cli.errors import GainError
 from gain_cli.io import atomic_write_json, atomic_write_text
 from gain_cli.reporting import figures
 from gain_cli.reporting.matrices import RunResult, load_run
-from gain_cli.reporting.metrics import SIGN_CONVENTIONS, relative_change_matrix
-from gain_cli.reporting.tables import (DOMAIN_METRICS, domain_table, domain_table_title, harness_metrics,
-                                       harness_table, harness_tasks, metric_table, run_labels, to_csv, to_latex,
-                                       to_markdown)
+from gain_cli.reporting.metrics import SIGN_CONVENTIONS, jsonable, relative_change_matrix
+from gain_cli.reporting.tables import (DOMAIN_METRICS, domain_table, domain_table_title, downstream_table,
+                                       harness_metrics, harness_table, harness_tasks, metric_table, run_harness_drops,
+                                       run_labels, to_csv, to_latex, to_markdown)
 
 FORMATS = {"md": "md", "markdown": "md", "latex": "tex", "tex": "tex", "csv": "csv"}
 
@@ -60,6 +64,9 @@ def sign_conventions_md() -> str:
 def _tables(runs: Sequence[RunResult]):
     """(title, key, table) for the summary, each per-domain metric and each harness task."""
     out = [("Summary (methods as rows)", "summary", metric_table(runs))]
+    if harness_tasks(runs):
+        out.append(("Downstream change vs base at the last stage (accuracy points; every lm-eval task)",
+                    "downstream_change", downstream_table(runs)))
     out += [(domain_table_title(k), k, domain_table(runs, k)) for k in DOMAIN_METRICS]
     titles = {"acc": "accuracy", "acc_stderr": "accuracy, lm-eval's standard error",
               "acc_norm": "length-normalised accuracy", "acc_norm_stderr": "length-normalised accuracy, standard error"}
@@ -95,7 +102,10 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
         "domains": runs[0].domains,
         "sign_conventions": SIGN_CONVENTIONS,
         "runs": [{"label": lab, "name": r.name, "path": str(r.path), "method": r.method, "model": r.model,
-                  "recipe": r.recipe, "status": r.status, "rows": r.rows, "metrics": r.metrics.to_dict()}
+                  "recipe": r.recipe, "status": r.status, "rows": r.rows, "metrics": r.metrics.to_dict(),
+                  # every lm-eval task's curve and change vs base: acc (= metrics.harness) and acc_norm where reported
+                  "harness_drops": jsonable({m: {t: asdict(h) for t, h in d.items()}
+                                              for m, d in run_harness_drops(r).items()})}
                  for lab, r in zip(labels, runs)],
         "figures": {"heatmap_colour_limits_pct": list(limits) if rels else None,
                     "formats": list(figures.FORMATS if figure_formats is None else figure_formats)},
@@ -135,11 +145,19 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
     curves: list[tuple[str, str]] = []
     n_rows = max(len(r.rows) for r in runs)
     stage_labels = ["base", *(f"{k}: {runs[0].domains[k - 1]}" for k in range(1, n_rows))]
-    for task in harness_tasks(runs):
-        data = {lab: r.harness[task][: len(r.rows)] for lab, r in zip(labels, runs) if r.harness and task in r.harness}
-        p = figures.harness_curve(data, fig_dir / f"{_slug(task)}_curve.png", task=task, stage_labels=stage_labels,
-                                  formats=figure_formats)
-        curves.append((task, p.relative_to(out_dir).as_posix()))
+    for task in harness_tasks(runs):  # one figure per task and accuracy metric it reports (acc, acc_norm)
+        for metric in [m for m in ("acc", "acc_norm") if m in harness_metrics(runs, task)]:
+            data = {}
+            for lab, r in zip(labels, runs):
+                curve = r.harness if metric == "acc" else r.harness_extra.get(metric)
+                if curve and task in curve and not np.all(np.isnan(curve[task][: len(r.rows)])):
+                    data[lab] = curve[task][: len(r.rows)]
+            if not data:
+                continue
+            name = f"{_slug(task)}_curve.png" if metric == "acc" else f"{_slug(task)}_{metric}_curve.png"
+            p = figures.harness_curve(data, fig_dir / name, task=task, stage_labels=stage_labels,
+                                      formats=figure_formats, metric=metric)
+            curves.append((f"{task} {figures.METRIC_LABELS[metric]}", p.relative_to(out_dir).as_posix()))
 
     # report.md
     md = [f"# gain report: {', '.join(labels)}", "",
@@ -164,7 +182,7 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
         md += [f"### {lab}\n\n![{lab}: PPL change vs base]({rel})\n" for lab, rel in heatmaps]
     if curves:
         md += ["## Downstream accuracy per stage", ""]
-        md += [f"![{task} accuracy per stage]({rel})\n" for task, rel in curves]
+        md += [f"![{what} per stage]({rel})\n" for what, rel in curves]
     from gain_cli.reporting.study_report import groups_of_runs, interval_section
 
     groups = groups_of_runs(runs)

@@ -18,7 +18,7 @@ Verdict rules (fixed before any result was seen; recipes/smollm2_study.yaml stat
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -362,6 +362,13 @@ def paper_figures(groups: dict[str, MethodGroup], spec, out_dir: Path) -> list[t
 # --------------------------------------------------------------------------------------------- the report
 
 
+def _shots(num_fewshot) -> str:
+    """``eval.harness.num_fewshot`` in words: ``0-shot``, or per task ``boolq 0-shot, hellaswag 10-shot``."""
+    if isinstance(num_fewshot, Mapping):
+        return ", ".join(f"{t} {n}-shot" for t, n in num_fewshot.items()) or "0-shot"
+    return f"{num_fewshot}-shot"
+
+
 def _protocol_md(base_cfg, spec, groups: dict[str, MethodGroup]) -> list[str]:
     t = base_cfg.train
     per_stage = int(t.steps) * int(t.batch_size) * int(t.get("grad_accum", 1)) * int(t.seq_len)
@@ -373,7 +380,7 @@ def _protocol_md(base_cfg, spec, groups: dict[str, MethodGroup]) -> list[str]:
              f"({t.schedule} schedule, warm-up {t.warmup_ratio})",
              f"- validation: {base_cfg.eval.max_blocks} blocks × {base_cfg.eval.block_size} tokens per domain; "
              f"downstream: {', '.join(h.get('tasks') or []) or 'none'} (limit {h.get('limit')}, "
-             f"{h.get('num_fewshot')}-shot)",
+             f"{_shots(h.get('num_fewshot'))})",
              "- methods, learning rates (rule: lowest in-domain validation PPL on the first domain over the grid "
              "`study.lr_grid`, `gain study --sweep lr-select`) and seeds: "
              + "; ".join(f"`{m}` lr {float(s['lr']):g}, seeds {s['seeds']}" for m, s in spec.methods.items()),

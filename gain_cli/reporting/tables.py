@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from gain_cli.reporting.matrices import RunResult
-from gain_cli.reporting.metrics import METRIC_TITLES, SIGN_CONVENTIONS, relative_change_matrix
+from gain_cli.reporting.metrics import (METRIC_TITLES, SIGN_CONVENTIONS, harness_drops, mean_drop_points,
+                                        relative_change_matrix)
 
 Table = tuple[list[str], list[list[Any]]]
 
@@ -81,6 +82,33 @@ def metric_table(runs: Sequence[RunResult]) -> Table:
         for t in tasks:
             h = m.harness.get(t)
             row += [None, None] if h is None else [100.0 * h.curve[-1], h.drop_points]
+        rows.append(row)
+    return header, rows
+
+
+def run_harness_drops(run: RunResult) -> dict:
+    """``metric -> task -> HarnessMetrics`` (acc, and acc_norm where the task reports it) of one run, cut to its PPL
+    rows (:func:`~gain_cli.reporting.metrics.harness_drops`)."""
+    return harness_drops({"acc": run.harness, "acc_norm": (run.harness_extra or {}).get("acc_norm")}, len(run.rows))
+
+
+def downstream_table(runs: Sequence[RunResult]) -> Table:
+    """Every lm-eval task's change vs base at the last finished stage, in accuracy points: methods as rows; per task
+    ``acc`` and, where some run has it, ``acc_norm``; then the mean over tasks of the acc changes (2+ tasks)."""
+    drops = [run_harness_drops(r) for r in runs]
+    tasks = harness_tasks(runs)
+    columns: list[tuple[str, str]] = []
+    for t in tasks:
+        columns += [("acc", t)] + ([("acc_norm", t)] if any(t in d.get("acc_norm", {}) for d in drops) else [])
+    header = ["Method", "Stages"] + [f"{t} Δ {m} pts ↑" for m, t in columns]
+    if len(tasks) > 1:
+        header.append("mean Δ acc pts ↑")
+    rows = []
+    for label, r, d in zip(run_labels(runs), runs, drops):
+        row: list[Any] = [label, f"{r.stages_done}/{len(r.domains)}"]
+        row += [d[m][t].drop_points if t in d.get(m, {}) else None for m, t in columns]
+        if len(tasks) > 1:
+            row.append(mean_drop_points(d.get("acc", {})) if len(d.get("acc", {})) == len(tasks) else None)
         rows.append(row)
     return header, rows
 
@@ -272,13 +300,16 @@ def print_run(run: RunResult, console) -> None:
         console.print(t)
 
     if run.harness:
-        t = _rich_table("harness acc % (Δ pts vs base)")
+        norm = run_harness_drops(run).get("acc_norm", {})
+        curves = [(task, accs) for task, accs in run.harness.items()]
+        curves += [(f"{task} norm", run.harness_extra["acc_norm"][task]) for task in run.harness if task in norm]
+        t = _rich_table("harness acc % (Δ pts vs base)" + ("; norm: acc_norm" if norm else ""))
         t.add_column("row", no_wrap=True)
-        for task in run.harness:
+        for task, _ in curves:
             t.add_column(task, justify="right")
         for k, label in enumerate(run.rows):
             cells = []
-            for task, accs in run.harness.items():
+            for task, accs in curves:
                 a = accs[k]
                 s = format_cell(100.0 * a, 1)
                 if k and not math.isnan(a) and not math.isnan(accs[0]):
@@ -307,5 +338,6 @@ def print_metric_table(runs: Sequence[RunResult], console) -> None:
     console.print(t)
 
 
-__all__ = ["SIGN_CONVENTIONS", "Table", "metric_table", "domain_table", "harness_table", "harness_metrics", "run_labels",
+__all__ = ["SIGN_CONVENTIONS", "Table", "metric_table", "domain_table", "downstream_table", "harness_table",
+           "harness_metrics", "run_harness_drops", "run_labels",
            "harness_tasks", "to_markdown", "to_latex", "to_csv", "format_cell", "print_run", "print_metric_table"]
