@@ -25,7 +25,6 @@ fine-tuning (and ewc / l2 on full FT) are refused in one line: they are not an a
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -218,22 +217,14 @@ def export_run(run_dir: str | Path, out: str | Path, last: int, first: int | Non
 
     from gain_cli.methods import build_method
     from gain_cli.models.loading import model_spec
-    from gain_cli.outputs import claim_output_dir, mark_output_dir, replace_dir
-    from gain_cli.reporting.matrices import check_finished_stage
-    from gain_cli.runner import finished_stages, load_stage_state
+    from gain_cli.outputs import claim_output_dir, write_output_dir
+    from gain_cli.reporting.matrices import check_finished_stage, open_finished_run
+    from gain_cli.runner import load_stage_state
 
     if fmt not in FORMATS:
         raise unknown_choice("--format", fmt, FORMATS)
     run_dir = Path(run_dir)
-    if run_dir.is_file():
-        raise GainError(f"{run_dir} is a file, not a run directory")
-    if not (run_dir / "config.yaml").is_file():
-        raise GainError(f"{run_dir} is not a gain run directory (no config.yaml)")
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    done = finished_stages(run_dir)
-    if not done:
-        raise GainError(f"{run_dir} has no finished stage to export")
-    total = len(cfg.domains.sequence)
+    cfg, done, total = open_finished_run(run_dir, "export")
     first = last if first is None else int(first)
     if first != last and not 1 <= first <= last <= total:
         raise GainError(f"--stages {first}..{last}: stages are numbered 1..{total} "
@@ -259,26 +250,18 @@ def export_run(run_dir: str | Path, out: str | Path, last: int, first: int | Non
     domains = [str(cfg.domains.sequence[k - 1]) for k in stages]
 
     out = claim_output_dir(out, "gain export", overwrite)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
+
+    def write(tmp: Path) -> None:
         config.save_pretrained(str(tmp))
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS),
                   metadata={"format": "pt"})
         (tmp / "README.md").write_text(_readme(method.name, what, stages, domains, base_id, base_note,
                                                run_dir.absolute(), first))
-        base_info: dict[str, Any] = ({"pretrained": base_id, "note": base_note} if first == 1 else
-                                     {"after_stage": first - 1, "note": f"gain merge RUN --stage {first - 1}"})
-        mark_output_dir(tmp, "gain export", run=str(run_dir.absolute()), format=fmt, method=method.name,
-                        stages=stages, domains=domains, adapter=what, base=base_info)
-        replace_dir(tmp, out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise GainError(f"cannot write the adapter to {out}: {exc.strerror or exc}") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    base_info: dict[str, Any] = ({"pretrained": base_id, "note": base_note} if first == 1 else
+                                 {"after_stage": first - 1, "note": f"gain merge RUN --stage {first - 1}"})
+    write_output_dir(out, "gain export", write, "the adapter", run=str(run_dir.absolute()), format=fmt,
+                     method=method.name, stages=stages, domains=domains, adapter=what, base=base_info)
     if say is not None:
         span = f"stage {first}" if first == last else f"stages {first}..{last}"
         say(f"exported {span} of {total} ({', '.join(domains)}) of {method.name} as a PEFT adapter: {what}")

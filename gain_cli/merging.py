@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -21,20 +20,12 @@ def merge_run(run_dir: str | Path, out: str | Path, stage: int | None = None, ov
     from gain_cli.io import read_json
     from gain_cli.methods import build_method
     from gain_cli.models.loading import load_model, model_spec
-    from gain_cli.outputs import claim_output_dir, mark_output_dir, replace_dir
-    from gain_cli.reporting.matrices import check_finished_stage
-    from gain_cli.runner import apply_saved_stages, finished_stages
+    from gain_cli.outputs import claim_output_dir, write_output_dir
+    from gain_cli.reporting.matrices import check_finished_stage, open_finished_run
+    from gain_cli.runner import apply_saved_stages
 
     run_dir = Path(run_dir)
-    if run_dir.is_file():
-        raise GainError(f"{run_dir} is a file, not a run directory")
-    if not (run_dir / "config.yaml").is_file():
-        raise GainError(f"{run_dir} is not a gain run directory (no config.yaml)")
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    done = finished_stages(run_dir)
-    if not done:
-        raise GainError(f"{run_dir} has no finished stage to merge")
-    total = len(cfg.domains.sequence)
+    cfg, done, total = open_finished_run(run_dir, "merge")
     k = done[-1] if stage is None else int(stage)
     check_finished_stage(run_dir, k, total, done)
     out = claim_output_dir(out, "gain merge", overwrite)
@@ -45,20 +36,14 @@ def merge_run(run_dir: str | Path, out: str | Path, stage: int | None = None, ov
                         "(it evaluates two branches); use `gain eval --run` instead")
     model = apply_saved_stages(model, method, run_dir, k)
     model = method.merge(model)
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    domain = str(cfg.domains.sequence[k - 1])
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        domain = str(cfg.domains.sequence[k - 1])
-        mark_output_dir(tmp, "gain merge", run=str(run_dir.absolute()), stage=k, domain=domain)
-        replace_dir(tmp, out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise GainError(f"cannot write the merged model to {out}: {exc.strerror or exc}") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_output_dir(out, "gain merge", write, "the merged model", run=str(run_dir.absolute()), stage=k,
+                     domain=domain)
     if say is not None:
         info = read_json(run_dir / "run_info.json") if (run_dir / "run_info.json").is_file() else {}
         say(f"merged stage {k} of {total} ({domain}) of {method.name}")

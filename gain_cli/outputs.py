@@ -52,6 +52,25 @@ def mark_output_dir(path: Path, command: str, **info) -> None:
     atomic_write_json(path / MARKER, {"command": command, **info})
 
 
+def write_output_dir(out: Path, command: str, write, what: str, **marker) -> None:
+    """Write a command's output directory ``out`` (claimed with ``claim_output_dir``) safely: ``write(tmp)`` fills a
+    temporary directory beside it, which is marked (``mark_output_dir`` with ``marker``) and moved into place only
+    when complete; it is removed on every failure, and an OS error is one line naming ``what`` was written."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        write(tmp)
+        mark_output_dir(tmp, command, **marker)
+        replace_dir(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise GainError(f"cannot write {what} to {out}: {exc.strerror or exc}") from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def replace_dir(tmp: Path, out: Path) -> None:
     """Move the finished directory ``tmp`` to ``out`` (which ``claim_output_dir`` allowed), files at the umask's
     permissions."""

@@ -40,7 +40,8 @@ from gain_cli.config import config_differences, config_hash, to_yaml
 from gain_cli.errors import GainError
 from gain_cli.io import atomic_save_safetensors, atomic_write_json, atomic_write_text, read_json
 from gain_cli.progress import Phase, RunClock
-from gain_cli.reporting.matrices import collect_rows, finished_stages  # noqa: F401  (the run directory's rows)
+from gain_cli.reporting.matrices import (collect_rows, finished_stages, row_stage,  # noqa: F401  (the run's rows)
+                                         stage_label)
 from gain_cli.training.drift import is_drift, run_is_drift
 from gain_cli.training.sharding import sharding_mode
 
@@ -259,10 +260,8 @@ class Experiment:
     # -- evaluation --
     def row_title(self, row: str) -> str:
         """``row 0 (base model)`` or ``stage K/T <domain>`` (progress lines)."""
-        if row == "base":
-            return "row 0 (base model)"
-        k, _, domain = row.partition(":")
-        return f"stage {k.split('_')[1]}/{len(self.domains)} {domain}"
+        k = row_stage(row)
+        return "row 0 (base model)" if k == 0 else f"stage {k}/{len(self.domains)} {self.domains[k - 1]}"
 
     def phase(self, row: str, what: str, total: int | None = None, unit: str = "", **fields) -> Phase:
         """One phase of a row (train, perplexity, lm-eval) under the run's own bar (rows done, time left)."""
@@ -322,7 +321,8 @@ class Experiment:
 
     def row_dir(self, row: str) -> Path:
         """Where a row's files go: ``base/`` for row 0, ``stages/stage_K/`` for ``stage_K:<domain>``."""
-        return self.run_dir / "base" if row == "base" else self.stage_dir(int(row.split(":")[0].split("_")[1]))
+        k = row_stage(row)
+        return self.run_dir / "base" if k == 0 else self.stage_dir(k)
 
     # -- stages --
     def stage_dir(self, k: int) -> Path:
@@ -355,26 +355,15 @@ class Experiment:
         ctx = StageContext(stage=k, domain=domain, earlier=self.domains[: k - 1], data=self.data,
                            train_cfg=cfg.train, seed=int(cfg.seed), accelerator=self.accelerator)
         blocks = self.method.stage_blocks(ctx)
-        log_path = self.run_dir / "train_log.jsonl"
-
-        def log(rec: dict) -> None:
-            if self.is_main:
-                with open(log_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(rec) + "\n")
-            self.trackers.train_step(rec)
-
         from gain_cli.training.checkpoint import StageCheckpoints
 
         ckpts = StageCheckpoints(self.stage_dir(k), cfg.train.get("checkpoint_every"), self.is_main)
         resumed_from = ckpts.saved_step()
         if resumed_from is not None:  # the log continues from the checkpoint: steps logged after it are dropped
             self.say(f"resumed stage {k} from step {resumed_from}")
-            if self.is_main and log_path.is_file():
-                keep = [line for line in log_path.read_text(encoding="utf-8").splitlines()
-                        if line.strip() and not _logged_after(line, k, resumed_from)]
-                atomic_write_text(log_path, "".join(f"{line}\n" for line in keep))
+            self.drop_logged_after(lambda rec: rec.get("stage") == k and int(rec.get("step", 0) or 0) > resumed_from)
         stats = train_stage(self.model, self.method, blocks, cfg.train, seed=int(cfg.seed), stage=k,
-                            accelerator=self.accelerator, progress=progress_cb, log=log, checkpoints=ckpts,
+                            accelerator=self.accelerator, progress=progress_cb, log=self.log_train, checkpoints=ckpts,
                             engine=self.engine)
         self.method.after_training(self.model, ctx)
         info = {"domain": domain, "trainable_params": n_trainable, "train": stats.to_dict(),
@@ -394,6 +383,27 @@ class Experiment:
             self.model = self.method.finish_stage(self.model)
         self.model.eval()
         return info
+
+    # -- the training log (train_log.jsonl), staged and drift runs alike --
+    @property
+    def train_log(self) -> Path:
+        return self.run_dir / "train_log.jsonl"
+
+    def log_train(self, rec: dict) -> None:
+        """One training record: appended to the log (main process) and handed to the trackers."""
+        if self.is_main:
+            with open(self.train_log, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+        self.trackers.train_step(rec)
+
+    def drop_logged_after(self, later: Callable[[dict], bool]) -> None:
+        """Remove the log's records for which ``later(record)`` holds: the steps a resumed run trains (and logs)
+        again after its checkpoint. Lines that are not JSON are kept."""
+        if not (self.is_main and self.train_log.is_file()):
+            return
+        keep = [line for line in self.train_log.read_text(encoding="utf-8").splitlines()
+                if line.strip() and not _parses_to(line, later)]
+        atomic_write_text(self.train_log, "".join(f"{line}\n" for line in keep))
 
     def trained_stage_info(self, k: int) -> dict[str, Any] | None:
         """What training stage k reported, when it was trained and saved but its evaluation never finished (a run
@@ -420,11 +430,8 @@ class Experiment:
             at = tr.restore(self._drift_checkpoints())
             if at is not None:
                 self.say(f"drift run resumed from its checkpoint at step {at} of {tr.total}")
-            log_path = self.run_dir / "train_log.jsonl"
-            if self.is_main and log_path.is_file():  # steps logged after the checkpoint are trained (logged) again
-                keep = [line for line in log_path.read_text(encoding="utf-8").splitlines()
-                        if line.strip() and not _logged_after_global(line, at or 0)]
-                atomic_write_text(log_path, "".join(f"{line}\n" for line in keep))
+            # steps logged after the checkpoint are trained (and logged) again
+            self.drop_logged_after(lambda rec: int(rec.get("global_step", 0) or 0) > (at or 0))
             self.drift_trainer = tr
         tr = self.drift_trainer
         if trained and tr.step != k * tr.steps:
@@ -442,14 +449,7 @@ class Experiment:
     def train_segment(self, k: int, domain: str, progress_cb: Callable | None = None) -> dict[str, Any]:
         """Segment k of a drift run: train on, save the method's whole state at step k·S (no merge, nothing reset)."""
         tr = self._drift(k)
-
-        def log(rec: dict) -> None:
-            if self.is_main:
-                with open(self.run_dir / "train_log.jsonl", "a", encoding="utf-8") as f:
-                    f.write(json.dumps(rec) + "\n")
-            self.trackers.train_step(rec)
-
-        stats = tr.train_segment(k, progress=progress_cb, log=log, checkpoints=self._drift_checkpoints())
+        stats = tr.train_segment(k, progress=progress_cb, log=self.log_train, checkpoints=self._drift_checkpoints())
         info = {"domain": domain, "trainable_params": self.method.count_trainable(self.model), "train": stats.to_dict(),
                 "method_info": self.method.stage_info(), "drift": tr.segment_info(k)}
         state = self.method.state_dict(self.model) if self.is_main else None
@@ -486,22 +486,13 @@ class Experiment:
         self.model.eval()
 
 
-def _logged_after(line: str, stage: int, step: int) -> bool:
-    """A train_log.jsonl record of ``stage`` past ``step`` (to be written again by a resumed stage)."""
+def _parses_to(line: str, test: Callable[[dict], bool]) -> bool:
+    """``test`` of a log line's JSON record (False for a line that is not JSON)."""
     try:
         rec = json.loads(line)
     except ValueError:
         return False
-    return rec.get("stage") == stage and int(rec.get("step", 0) or 0) > step
-
-
-def _logged_after_global(line: str, step: int) -> bool:
-    """A drift run's train_log.jsonl record past global ``step`` (to be written again by the resumed run)."""
-    try:
-        rec = json.loads(line)
-    except ValueError:
-        return False
-    return int(rec.get("global_step", 0) or 0) > step
+    return bool(test(rec))
 
 
 def stage_dir(run_dir: Path, k: int) -> Path:
@@ -699,12 +690,12 @@ def _run_rows(exp: Experiment, cfg: DictConfig, console, emit: Callable) -> None
             exp.say(f"stage {k}/{len(exp.domains)} {domain}: trained before the run stopped, applying its saved state")
             exp.apply_trained_stage(k)
         else:
-            with exp.phase(f"stage_{k}:{domain}", "train", int(cfg.train.steps), "steps", loss="-",
+            with exp.phase(stage_label(k, domain), "train", int(cfg.train.steps), "steps", loss="-",
                            **{"tok/s": "-"}) as prog:
                 info = exp.train_stage(k, domain, lambda step, total, loss, tps: prog.update(
                     step, loss=f"{loss:.3f}", **{"tok/s": f"{tps:,.0f}"}))
             exp.clock.record("train", float(info["train"]["seconds"]), int(info["train"]["steps"]))
-        row = exp.evaluate(f"stage_{k}:{domain}")
+        row = exp.evaluate(stage_label(k, domain))
         metrics = {**info, **row}
         if exp.is_main:
             atomic_write_json(exp.stage_dir(k) / "metrics.json", metrics)
@@ -756,10 +747,9 @@ def estimate_runtime(exp: Experiment, stages_left: int, base_missing: bool) -> s
         fwd_tps = blocks.numel() / max(time.perf_counter() - t0, 1e-9)
     eval_tokens = sum(b.numel() for b in exp.eval_blocks.values())
     sweeps = stages_left + (1 if base_missing else 0)
-    train_tokens = stages_left * int(cfg.train.steps) * int(cfg.train.batch_size) * int(cfg.train.get("grad_accum", 1)) \
-        * int(cfg.train.seq_len)
-    seconds = sweeps * eval_tokens / fwd_tps + train_tokens * 3.0 / fwd_tps
     step_tokens = int(cfg.train.batch_size) * int(cfg.train.get("grad_accum", 1)) * int(cfg.train.seq_len)
+    train_tokens = stages_left * int(cfg.train.steps) * step_tokens
+    seconds = sweeps * eval_tokens / fwd_tps + train_tokens * 3.0 / fwd_tps
     exp.clock.guess = {"step": step_tokens * 3.0 / fwd_tps, "perplexity": eval_tokens / fwd_tps}  # until measured
     return (f"estimate: ~{seconds / 60:.1f} min for {stages_left} stage(s) and {sweeps} evaluation sweep(s) "
             f"(forward measured at {fwd_tps:,.0f} tok/s; a training token assumed to cost 3 forward tokens; "

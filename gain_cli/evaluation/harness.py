@@ -41,6 +41,7 @@ import torch
 from gain_cli.errors import GainError
 from gain_cli.io import read_jsonl_objects
 from gain_cli.models.kv_cache import no_kv_cache
+from gain_cli.models.loading import hub_offline
 
 log = logging.getLogger(__name__)
 
@@ -228,11 +229,6 @@ def resolve_harness_cfg(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
     return out
 
 
-def hub_offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
 def boolq_source(cfg: Mapping[str, Any]) -> Path | None:
     """The local BoolQ file to evaluate on, or None for lm-eval's stock (hub) task."""
     path = cfg.get("boolq_path")
@@ -243,7 +239,7 @@ def boolq_source(cfg: Mapping[str, Any]) -> Path | None:
         if not p.is_file():
             raise GainError(f"eval.harness.boolq_path '{path}' is not a file")
         return p
-    if hub_offline():
+    if hub_offline(datasets=True):
         return BUILTIN_BOOLQ
     return None
 
@@ -665,7 +661,7 @@ def harness_results(model: torch.nn.Module, tokenizer: Any, cfg: Mapping[str, An
                 raise GainError(f"eval.harness.tasks: {exc.args[0] if exc.args else exc}") from exc
             except OSError as exc:  # datasets: ConnectionError / DatasetNotFoundError / missing files
                 hint = (" (the hub is offline: tasks other than local ones (boolq, cloze, task files) need their data "
-                        "in the HF datasets cache)" if hub_offline() else "")
+                        "in the HF datasets cache)" if hub_offline(datasets=True) else "")
                 first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
                 raise GainError(f"eval.harness: lm-eval could not load a task's data: {first}{hint}") from exc
             except RuntimeError as exc:  # datasets >= 4 refuses the loading scripts of old hub datasets

@@ -55,8 +55,11 @@ def _local_or_hub(path: str) -> tuple[str, bool]:
     return (str(p), True) if p.exists() else (path, False)
 
 
-def hub_offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+def hub_offline(datasets: bool = False) -> bool:
+    """The Hugging Face offline switches are on: HF_HUB_OFFLINE, or TRANSFORMERS_OFFLINE for models
+    (HF_DATASETS_OFFLINE with ``datasets``), set to 1 / true / yes / on as huggingface_hub reads them."""
+    names = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE" if datasets else "TRANSFORMERS_OFFLINE")
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in names)
 
 
 def load_tokenizer(model_cfg: Mapping[str, Any], model_dir: str | None):

@@ -51,6 +51,16 @@ def stage_label(k: int, domain: str) -> str:
     return f"{BASE_ROW}" if k == 0 else f"stage_{k}:{domain}"
 
 
+def row_stage(label: str) -> int:
+    """The stage of a row label: 0 for ``base``, K for ``stage_K:<domain>`` (GainError for anything else)."""
+    if label == BASE_ROW:
+        return 0
+    m = _STAGE_ROW.match(label)
+    if not m:
+        raise GainError(f"row label '{label}' is neither '{BASE_ROW}' nor 'stage_K:<domain>'")
+    return int(m.group(1))
+
+
 def _cell_out(v: Any) -> float | str:
     f = float(v)
     if math.isfinite(f):
@@ -203,6 +213,23 @@ def finished_stages(run_dir: Path) -> list[int]:
         out.append(k)
         k += 1
     return out
+
+
+def open_finished_run(run_dir: str | os.PathLike, what: str):
+    """(saved config, finished stages, number of stages) of a run directory that has a finished stage, for the
+    commands that read one (``gain merge``, ``gain export``; ``what`` names the action in the message)."""
+    from omegaconf import OmegaConf
+
+    run_dir = Path(run_dir)
+    if run_dir.is_file():
+        raise GainError(f"{run_dir} is a file, not a run directory")
+    if not (run_dir / "config.yaml").is_file():
+        raise GainError(f"{run_dir} is not a gain run directory (no config.yaml)")
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    done = finished_stages(run_dir)
+    if not done:
+        raise GainError(f"{run_dir} has no finished stage to {what}")
+    return cfg, done, len(cfg.domains.sequence)
 
 
 def check_finished_stage(run_dir: Path, k: int, total: int, done: list[int], base: bool = False) -> None:
