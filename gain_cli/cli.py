@@ -274,18 +274,36 @@ def bench(
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into --out even when it is a non-empty "
                                    "directory gain did not write."),
+    section: Optional[str] = typer.Option(None, "--section", help="Run one section alone: busy (training and "
+                                          "perplexity under a synthetic load, old vs adaptive threads; ~6 min) or "
+                                          "default (a 200-step stage, train.compile=auto vs the Trainer's default)."),
+    methods: Optional[str] = typer.Option(None, "--methods", help="With --section default: methods, comma-separated "
+                                          "(default gain_ffn,lora,full_ft)."),
+    runs: Optional[list[Path]] = typer.Option(None, "--runs", help="Instead of the benchmarks: where the time of "
+                                              "these runs went (training, perplexity, lm-eval, other) and their "
+                                              "end-to-end MFU against this machine's matmul peak (repeatable)."),
 ) -> None:
     """Training and evaluation speed against the standard stack (HF Trainer + PEFT, lm-eval), in one process.
 
-    Writes <out>/bench.json and prints the table. Example: gain bench --size tiny --repeats 1
+    Writes <out>/bench.json and prints the table. Example: gain bench --size tiny --repeats 1;
+    gain bench --runs runs/smollm2_8domains/gain_ffn/<run> (end_to_end.json)
     """
-    # Idle OpenMP threads sleep instead of spinning (read when torch is first imported, below): on a shared
-    # machine spinning pool threads stall every parallel region (README.md, "Thread settings").
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from gain_cli.bench import run_bench
     from gain_cli.outputs import claim_output_dir, mark_output_dir
 
     out = claim_output_dir(out, "gain bench", overwrite)
+    if runs:
+        from gain_cli.bench.end_to_end import end_to_end
+
+        end_to_end(list(runs), out, console)
+        mark_output_dir(out, "gain bench", size="runs")
+        return
+    from gain_cli.bench import run_bench, run_section
+
+    if section is not None:
+        changes = {"default_methods": tuple(m.strip() for m in methods.split(","))} if methods else {}
+        run_section(section, size, out, repeats, console, threads=threads, **changes)
+        mark_output_dir(out, "gain bench", size=size, section=section)
+        return
     run_bench(size, out, repeats, console=console, threads=threads)
     mark_output_dir(out, "gain bench", size=size)
 
@@ -312,10 +330,15 @@ def eval_(
     table = Table(title=f"validation perplexity · {label}")
     for col in ("domain", "PPL", "loss", "tokens"):
         table.add_column(col, justify="right" if col != "domain" else "left")
+    from gain_cli.models.compiling import decide_compile
+
+    # one sweep: auto stays eager (a compile pays for itself only over many sweeps: README Performance)
+    compiled = decide_compile(cfg.eval.get("compile", False), "eval.compile", None, 1, next(model.parameters()).device,
+                              refused="gain eval runs one sweep").enabled
     t0 = time.perf_counter()
     for d in domains:
         r = evaluate_blocks(model, data.blocks(d.name, "validation", int(cfg.eval.block_size), cfg.eval.get("max_blocks")),
-                            int(cfg.eval.batch_size), compile=bool(cfg.eval.get("compile", False)))
+                            int(cfg.eval.batch_size), compile=compiled)
         table.add_row(d.name, f"{r.ppl:.3f}", f"{r.loss:.4f}", str(r.tokens))
     console.print(table)
     harness_cfg = cfg.eval.get("harness")

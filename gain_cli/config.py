@@ -138,13 +138,13 @@ def compose_config(overrides: Sequence[str] = (), recipe: str | None = None) -> 
 
 # Types of the values that every run reads; checked right after composition so that a typo such as
 # train.steps=1O is reported as one line instead of a crash deep inside training.
-_INT, _NUM, _BOOL = "an integer", "a number", "true or false"
+_INT, _NUM, _BOOL, _AUTO = "an integer", "a number", "true or false", "true, false or auto"
 SCHEMA: dict[str, tuple[str, bool]] = {  # key -> (kind, may be null)
     "seed": (_INT, False), "resume": (_BOOL, False),
     "train.steps": (_INT, False), "train.batch_size": (_INT, False), "train.grad_accum": (_INT, False),
     "train.seq_len": (_INT, False), "train.warmup_ratio": (_NUM, False), "train.max_grad_norm": (_NUM, True),
     "train.log_every": (_INT, False), "train.threads": (_INT, True), "train.checkpoint_every": (_INT, True),
-    "train.compile": (_BOOL, False), "eval.compile": (_BOOL, False), "train.drift_overlap": (_NUM, True),
+    "train.compile": (_AUTO, False), "eval.compile": (_AUTO, False), "train.drift_overlap": (_NUM, True),
     "eval.block_size": (_INT, False), "eval.max_blocks": (_INT, True), "eval.batch_size": (_INT, False),
     "method.lr": (_NUM, False), "method.weight_decay": (_NUM, True),
     "method.r": (_INT, False), "method.alpha": (_NUM, False), "method.dropout": (_NUM, False),  # LoRA-based methods
@@ -175,6 +175,7 @@ def validate_config(cfg: DictConfig) -> None:
             _INT: isinstance(value, int) and not isinstance(value, bool),
             _NUM: isinstance(value, (int, float)) and not isinstance(value, bool),
             _BOOL: isinstance(value, bool),
+            _AUTO: isinstance(value, bool) or value == "auto",
         }[kind]
         if not ok:
             raise GainError(f"{key} must be {kind}, got {value!r}")
@@ -221,7 +222,9 @@ def to_yaml(cfg: DictConfig) -> str:
 # settings that say where a run goes, how it is launched and how often it logs and checkpoints, not what it
 # computes: a resumed run may change them
 PLACEMENT_KEYS = ("run_dir", "run_name", "resume", "output_root", "launcher", "train.log_every", "train.log_with",
-                  "train.checkpoint_every", "eval.harness.save_samples", "base_row", "study")
+                  "train.checkpoint_every", "eval.harness.save_samples", "base_row", "study",
+                  # compiled and eager runs agree within the tolerance the tests check (README Performance)
+                  "train.compile", "eval.compile")
 
 
 def _results_part(cfg: DictConfig) -> dict:

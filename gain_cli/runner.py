@@ -160,13 +160,20 @@ def write_matrices(run_dir: Path, domains: list[str]) -> None:
                          [[(r.get("harness") or {}).get(t, {}).get(metric, float("nan")) for t in tasks] for r in rows])
 
 
-def _check_compile(cfg: DictConfig, device) -> None:
-    """train.compile / eval.compile on a machine that cannot build compiled kernels: say so before any work."""
-    from gain_cli.models.compiling import require_compile
+COMPILE_KEYS = {"train": "train.compile", "eval": "eval.compile"}
 
-    for key in ("train.compile", "eval.compile"):
-        if OmegaConf.select(cfg, key, default=False):
-            require_compile(device, key)
+
+def _initial_compile(cfg: DictConfig, device) -> dict[str, Any]:
+    """train.compile / eval.compile before the work ahead is known: ``true`` checked now (a machine that cannot build
+    compiled kernels says so before any work), ``false`` and ``auto`` eager until ``Experiment.plan_compile``."""
+    from gain_cli.models.compiling import CompileDecision, decide_compile
+
+    out = {}
+    for kind, key in COMPILE_KEYS.items():
+        setting = OmegaConf.select(cfg, key, default=False)
+        out[kind] = (decide_compile(setting, key, None, 1, device) if setting != "auto"
+                     else CompileDecision(False, "auto: not decided yet"))
+    return out
 
 
 # --- the experiment --------------------------------------------------------------------------
@@ -184,7 +191,7 @@ class Experiment:
         self.drift = is_drift(cfg)  # train.domain_schedule=drift: one continuous run (gain_cli.training.drift)
         self.drift_trainer = None  # its trainer, made when its first segment is needed
         self.accelerator = accelerator if accelerator is not None else make_accelerator(cfg)
-        _check_compile(cfg, self.accelerator.device)
+        self.compile = _initial_compile(cfg, self.accelerator.device)  # decided for the work ahead: plan_compile
         from gain_cli.threads import threads_for_run
 
         threads, why = threads_for_run(cfg.train.get("threads"))  # train.threads, else the CLI's start-up choice
@@ -215,11 +222,70 @@ class Experiment:
         self.param_bytes_per_process = None
         self.trackers = None  # train.log_with (gain_cli.training.trackers), opened by run_experiment
         self.clock = RunClock(int(cfg.train.steps))  # what each phase cost so far: the time left
+        self.timing = None  # RunTiming: seconds, tokens and FLOPs per phase (timing.json), set by run_experiment
+        self.train_flops_per_token = 0.0  # of the model with the method attached (gain_cli.models.flops)
         self.rows: tuple[int, int] | None = None  # (rows done, rows in all), kept by _run_rows
         self.harness_on = bool((cfg.eval.get("harness") or {}).get("enabled"))
         self.engine = None  # train.sharding=zero3: the run's DeepSpeed engine
         if self.sharded:  # outside local_main_process_first: sharding is a collective of all processes
             self._shard()
+
+    def plan_compile(self, stages_left: int, rows_left: int) -> None:
+        """Decide ``auto`` compiling for the rest of the run from the work ahead, measured by ``estimate_runtime`` on
+        the main process (``clock.guess``), the same on every process; log every decision."""
+        from gain_cli.models.compiling import decide_compile
+
+        cfg, device = self.cfg, self.accelerator.device
+        layers = int(getattr(getattr(self.model.config, "get_text_config", lambda: self.model.config)(),
+                             self.spec.layers_key, 1) or 1)
+        refused = {"train": "train.sharding=zero3 trains eager (DeepSpeed's hooks)" if self.sharding == "zero3" else None,
+                   "eval": "sharded evaluation runs eager" if self.sharded else None}
+
+        def decide() -> dict[str, Any]:
+            step, sweep = self.clock.guess.get("step"), self.clock.guess.get("perplexity")
+            work = {"train": stages_left * int(cfg.train.steps) * step if step else None,
+                    "eval": rows_left * sweep if sweep else None}
+            return {kind: decide_compile(OmegaConf.select(cfg, key, default=False), key, work[kind], layers, device,
+                                         refused[kind]) for kind, key in COMPILE_KEYS.items()}
+
+        self.compile = on_main_shared(self.accelerator, decide)
+        for kind, key in COMPILE_KEYS.items():
+            self.say(self.compile[kind].line(key))
+
+    def record(self, phase: str, seconds: float, tokens: int = 0, flops: float = 0.0, steps: int | None = None) -> None:
+        """A finished phase: for the time left (RunClock) and for timing.json."""
+        self.clock.record(phase, seconds, steps)
+        if self.timing is not None:
+            self.timing.add(phase, seconds, tokens, flops)
+
+    def write_timing(self, status: str = "complete") -> None:
+        if self.timing is not None:
+            from collections import Counter
+
+            from gain_cli.models.flops import matmul_shapes
+
+            shapes = Counter((i, o) for i, o, _ in matmul_shapes(self.model))  # for the matmul peak (gain bench --runs)
+            self.timing.write(self.run_dir, status=status, threads=torch.get_num_threads(),
+                              compile={k: d.line(COMPILE_KEYS[k]) for k, d in self.compile.items()},
+                              model=str(self.cfg.model.name), matmul_shapes=[[i, o, k] for (i, o), k in sorted(shapes.items())],
+                              step_tokens=int(self.cfg.train.batch_size) * int(self.cfg.train.seq_len))
+
+    def recheck_threads(self) -> None:
+        """At a stage's start: the thread count follows the machine's load (gain_cli.threads) unless the user or a
+        launcher fixed it."""
+        from gain_cli.threads import threads_for_stage
+
+        change = None if self.cfg.train.get("threads") else threads_for_stage(torch.get_num_threads())
+        if change is not None:
+            torch.set_num_threads(change[0])
+            self.say(change[1])
+
+    @property
+    def train_cfg(self) -> DictConfig:
+        """``cfg.train`` with ``compile`` as decided (a bool: the training loops read it)."""
+        out = OmegaConf.create(OmegaConf.to_container(self.cfg.train, resolve=True))
+        out.compile = self.compile["train"].enabled
+        return out
 
     @property
     def sharded(self) -> bool:
@@ -284,19 +350,25 @@ class Experiment:
             for d in self.domains:
                 faults.point(f"eval.{row.split(':')[0]}.{d}")
                 r = evaluate_blocks(model, self.eval_blocks[d], int(self.cfg.eval.batch_size), self.accelerator,
-                                    compile=bool(self.cfg.eval.get("compile", False)))
+                                    compile=self.compile["eval"].enabled)
                 out["ppl"][d], out["loss"][d], out["eval_tokens"][d] = r.ppl, r.loss, r.tokens
                 out["block_nll"][d] = r.block_nll
                 ph.update(advance=1)
         out["eval_seconds"] = round(ph.seconds, 3)
-        self.clock.record("perplexity", ph.seconds)
+        from gain_cli.models.flops import flops_per_token
+
+        positions = sum(int(b.numel()) for b in self.eval_blocks.values())
+        self.record("perplexity", ph.seconds, positions,
+                    positions * flops_per_token(model, int(self.cfg.eval.block_size), training=False)["total"])
         harness_cfg = self.cfg.eval.get("harness")
         if harness_cfg is not None and harness_cfg.get("enabled"):
             tasks = ", ".join(str(t) for t in harness_cfg.get("tasks") or [])
-            with self.phase(row, f"lm-eval ({tasks})") as ph:
+            from gain_cli.models.flops import ForwardCounter
+
+            with self.phase(row, f"lm-eval ({tasks})") as ph, ForwardCounter(model) as counted:
                 out["harness"] = self._harness(model, harness_cfg, row)
             out["harness_seconds"] = round(ph.seconds, 3)
-            self.clock.record("lm-eval", ph.seconds)
+            self.record("lm-eval", ph.seconds, counted.tokens, counted.flops)
         return out
 
     def _harness(self, model, harness_cfg, row: str) -> dict[str, Any]:
@@ -352,6 +424,9 @@ class Experiment:
         else:
             self.model = self.method.attach(self.model)
         n_trainable = self.method.count_trainable(self.model)
+        from gain_cli.models.flops import flops_per_token
+
+        self.train_flops_per_token = flops_per_token(self.model, int(cfg.train.seq_len), training=True)["total"]
         ctx = StageContext(stage=k, domain=domain, earlier=self.domains[: k - 1], data=self.data,
                            train_cfg=cfg.train, seed=int(cfg.seed), accelerator=self.accelerator)
         blocks = self.method.stage_blocks(ctx)
@@ -362,7 +437,7 @@ class Experiment:
         if resumed_from is not None:  # the log continues from the checkpoint: steps logged after it are dropped
             self.say(f"resumed stage {k} from step {resumed_from}")
             self.drop_logged_after(lambda rec: rec.get("stage") == k and int(rec.get("step", 0) or 0) > resumed_from)
-        stats = train_stage(self.model, self.method, blocks, cfg.train, seed=int(cfg.seed), stage=k,
+        stats = train_stage(self.model, self.method, blocks, self.train_cfg, seed=int(cfg.seed), stage=k,
                             accelerator=self.accelerator, progress=progress_cb, log=self.log_train, checkpoints=ckpts,
                             engine=self.engine)
         self.method.after_training(self.model, ctx)
@@ -424,8 +499,11 @@ class Experiment:
             cfg = self.cfg
             seed_everything(int(cfg.seed) * 1000 + 1)  # the method's init: as a staged run's stage 1
             self.model = self.method.attach(self.model)
+            from gain_cli.models.flops import flops_per_token
+
+            self.train_flops_per_token = flops_per_token(self.model, int(cfg.train.seq_len), training=True)["total"]
             blocks = [self.data.blocks(d, "train", int(cfg.train.seq_len)) for d in self.domains]
-            tr = DriftTrainer(self.model, self.method, blocks, self.domains, cfg.train, seed=int(cfg.seed),
+            tr = DriftTrainer(self.model, self.method, blocks, self.domains, self.train_cfg, seed=int(cfg.seed),
                               accelerator=self.accelerator)
             at = tr.restore(self._drift_checkpoints())
             if at is not None:
@@ -605,6 +683,9 @@ def run_experiment(cfg: DictConfig, console=None, on_event: Callable[[str, dict]
     """Run (or resume) the experiment described by cfg; return the run directory."""
     from gain_cli.training.accelerator import make_accelerator
 
+    from gain_cli.reporting.timing import RunTiming
+
+    timing = RunTiming()  # the wall time of this session starts here: loading and converting are part of it
     acc = make_accelerator(cfg)
 
     def choose_run_dir() -> Path:
@@ -615,6 +696,7 @@ def run_experiment(cfg: DictConfig, console=None, on_event: Callable[[str, dict]
 
     run_dir = on_main_shared(acc, choose_run_dir)  # one directory for all processes (the default is a timestamp)
     exp = Experiment(cfg, run_dir, console, accelerator=acc)
+    exp.timing = timing
     # the directory appears only now that the run can start: a model, tokenizer or data file that cannot be read
     # was refused while the experiment loaded them, and left nothing behind
     on_main_shared(acc, lambda: run_dir.mkdir(parents=True, exist_ok=True))
@@ -640,12 +722,14 @@ def run_experiment(cfg: DictConfig, console=None, on_event: Callable[[str, dict]
                 status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
                 info = {**run_info(cfg, acc, status, started, exp), **({"error": str(e)} if status == "failed" else {})}
                 atomic_write_json(run_dir / "run_info.json", info)
+                exp.write_timing(status)
             raise
         finally:
             exp.trackers.close()
         if exp.is_main:
             atomic_write_json(run_dir / "run_info.json", run_info(cfg, acc, "complete", started, exp))
             _write_run_report(run_dir, exp)
+            exp.write_timing()
     return run_dir
 
 
@@ -656,6 +740,7 @@ def _run_rows(exp: Experiment, cfg: DictConfig, console, emit: Callable) -> None
     done, base_done = on_main_shared(acc, lambda: (finished_stages(run_dir), (run_dir / "base" / "metrics.json").is_file()))
     if (exp.is_main or exp.sharded) and len(done) < len(exp.domains):  # sharded: its forwards need every process
         exp.say(estimate_runtime(exp, len(exp.domains) - len(done), base_missing=not base_done))
+    exp.plan_compile(len(exp.domains) - len(done), len(exp.domains) - len(done) + int(not base_done))
     exp.rows = (len(done) + int(base_done), len(exp.domains) + 1)
 
     def row_finished() -> None:
@@ -690,11 +775,14 @@ def _run_rows(exp: Experiment, cfg: DictConfig, console, emit: Callable) -> None
             exp.say(f"stage {k}/{len(exp.domains)} {domain}: trained before the run stopped, applying its saved state")
             exp.apply_trained_stage(k)
         else:
+            exp.recheck_threads()
             with exp.phase(stage_label(k, domain), "train", int(cfg.train.steps), "steps", loss="-",
                            **{"tok/s": "-"}) as prog:
                 info = exp.train_stage(k, domain, lambda step, total, loss, tps: prog.update(
                     step, loss=f"{loss:.3f}", **{"tok/s": f"{tps:,.0f}"}))
-            exp.clock.record("train", float(info["train"]["seconds"]), int(info["train"]["steps"]))
+            seconds = float(info["train"]["seconds"])
+            tokens = round(float(info["train"]["tokens_per_s"]) * seconds)  # trained in this session
+            exp.record("train", seconds, tokens, tokens * exp.train_flops_per_token, steps=int(info["train"]["steps"]))
         row = exp.evaluate(stage_label(k, domain))
         metrics = {**info, **row}
         if exp.is_main:

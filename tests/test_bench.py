@@ -160,9 +160,10 @@ def test_without_a_compiler_the_compiled_rows_are_skipped_not_fatal(monkeypatch)
 
 @pytest.mark.parametrize("cores, load, env, expected", [
     (2, 0.1, {}, ("ACTIVE", 2)),                       # idle: spin, every core
-    (2, 3.0, {}, ("PASSIVE", 1)),                      # busy: sleep, the cores left (at least one)
-    (8, 2.2, {}, ("PASSIVE", 6)),
-    (2, 3.0, {"OMP_WAIT_POLICY": "active"}, ("ACTIVE", 1)),   # the user's policy wins
+    (2, 3.0, {}, ("PASSIVE", 2)),                      # busy: sleep, every core (measured faster than fewer)
+    (8, 2.2, {}, ("PASSIVE", 8)),
+    (2, 3.0, {"OMP_WAIT_POLICY": "active"}, ("ACTIVE", 1)),   # the user's policy wins; spinning: the cores left
+    (8, 2.2, {"OMP_WAIT_POLICY": "ACTIVE"}, ("ACTIVE", 6)),
     (2, 0.0, {"OMP_NUM_THREADS": "1"}, ("ACTIVE", 1)),
 ])
 def test_thread_choice_follows_the_load(cores, load, env, expected):
@@ -171,3 +172,135 @@ def test_thread_choice_follows_the_load(cores, load, env, expected):
     c = choose(cores, load, env)
     assert (c.policy, c.threads) == expected
     assert ("busy" in c.reason) == (load >= 0.5)
+
+
+# --- busy machine (gain_cli/bench/busy.py): the section's structure and that its synthetic load never outlives it ---
+
+def _gone(pid: int) -> bool:
+    import os
+
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def _tiny_busy_settings(**changes):
+    from gain_cli.bench import bench_settings
+
+    small = dict(busy_probe=True, busy_loops=1, busy_max_seconds=120, busy_timeout_seconds=90, busy_train_steps=2,
+                 train_batch=2, train_seq=32, eval_windows=2, eval_seq=32, eval_batch=1)
+    return bench_settings("tiny", **{**small, **changes})
+
+
+def test_busy_machine_section_measures_three_settings_and_kills_its_load():
+    from gain_cli.bench.busy import bench_busy
+    from gain_cli.bench.runner import _configs, busy_rows
+    from gain_cli.threads import choose
+
+    s = _tiny_busy_settings()
+    model_cfg, _, _, cache_dir = _configs(s)
+    r = bench_busy(model_cfg, cache_dir, s, log=lambda msg: None)
+    cores = r["cores"]
+    assert r["settings"]["idle"] == r["settings"]["old"] == {"policy": "ACTIVE", "threads": cores}
+    c = choose(cores, 1.0, {})
+    assert r["settings"]["adaptive"] == {"policy": c.policy, "threads": c.threads} and r["adaptive_choice"] == c.line()
+    for w in ("train", "perplexity"):
+        v = r[w]
+        for k in ("idle", "old", "adaptive"):
+            rate = v[k]["tokens_per_s"]
+            assert rate is not None and math.isfinite(rate) and rate > 0, (w, k, v[k])
+            assert v[k]["timed"] >= 1 and not v[k]["timed_out"]
+        idle = v["idle"]["tokens_per_s"]
+        assert v["old_of_idle"] == pytest.approx(v["old"]["tokens_per_s"] / idle, abs=1e-3)
+        assert v["adaptive_of_idle"] == pytest.approx(v["adaptive"]["tokens_per_s"] / idle, abs=1e-3)
+    assert r["train"]["idle"]["timed"] == 1                                   # 2 steps, the first not timed
+    assert r["perplexity"]["idle"]["timed"] == 2                              # 2 windows one at a time
+    assert len(r["load_pids"]) == 1 and all(_gone(pid) for pid in r["load_pids"])
+    assert len(r["loadavg"]["busy_end"]) == 3
+    rows = busy_rows({"busy_machine": r})
+    assert len(rows) == 2 and all(len(row) == 5 and "of idle" in row[4] for row in rows)
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_busy_machine_load_is_killed_when_a_measurement_fails(monkeypatch, error):
+    from gain_cli.bench import busy
+
+    started = []
+    real_start = busy.start_load
+
+    def start_load(n, max_seconds):
+        started.extend(real_start(n, max_seconds))
+        return started
+
+    def measure(workload, spec, policy, threads, timeout):
+        if started:  # under load: the load is running, then the measurement fails
+            assert all(p.poll() is None for p in started)
+            raise error("measurement failed")
+        return {"policy": policy, "threads": threads, "tokens_per_s": 1.0}
+
+    monkeypatch.setattr(busy, "start_load", start_load)
+    monkeypatch.setattr(busy, "measure", measure)
+    s = _tiny_busy_settings(busy_loops=2)
+    with pytest.raises(error):
+        busy.bench_busy({"name": "unused"}, "unused", s, log=lambda msg: None)
+    assert len(started) == 2 and all(_gone(p.pid) for p in started)
+
+
+def test_busy_load_ends_by_itself_at_its_deadline():
+    """Even when nobody kills them (the bench killed with SIGKILL), the load processes end at their deadline."""
+    from gain_cli.bench.busy import start_load
+
+    procs = start_load(1, 1.0)
+    assert procs[0].wait(timeout=20) == 0  # exited by itself (a kill would give -9)
+
+
+def test_bad_busy_settings_are_user_errors():
+    from gain_cli.bench.busy import check_busy_settings
+    from gain_cli.errors import GainError
+
+    for bad in (dict(busy_loops=0), dict(busy_max_seconds=0), dict(busy_train_steps=1)):
+        with pytest.raises(GainError, match="busy_"):
+            check_busy_settings(_tiny_busy_settings(**bad))
+
+
+def test_a_timed_out_measurement_keeps_the_steps_it_finished(monkeypatch):
+    import subprocess
+
+    from gain_cli.bench import busy
+
+    def run(*args, timeout, **kwargs):  # run() kills the child; on POSIX the partial stdout comes back as bytes
+        raise subprocess.TimeoutExpired(args[0], timeout, output=b"TIMED 100 0.5\nTIMED 100 0.5\n")
+
+    monkeypatch.setattr(busy.subprocess, "run", run)
+    r = busy.measure("train", {}, "PASSIVE", 1, timeout=3)
+    assert r["timed_out"] and r["timed"] == 2 and r["tokens_per_s"] == pytest.approx(200.0)
+
+
+# --- default mode (gain_cli/bench/default_mode.py): a whole stage, ours with train.compile=auto vs the Trainer ---
+
+def test_default_mode_decides_as_a_run_and_matches_the_trainer(tmp_path):
+    from gain_cli.bench import run_section
+
+    r = run_section("default", "tiny", tmp_path, 2, default_steps=4, default_methods=("gain_ffn",), threads=1)
+    v = r["default_mode"]["methods"]["gain_ffn"]
+    # a 4-step tiny stage: the saving is far below a compile's cost, so auto stays eager
+    assert not v["compiled"] and v["decision"].startswith("train.compile: eager (auto: ~")
+    assert len(v["ours_samples"]) == len(v["trainer_samples"]) == 2 and v["ratio"] > 0
+    assert v["loss_max_rel_diff"] <= 1e-5  # the same eager maths on both sides
+    assert (tmp_path / "default.json").is_file() and "default mode, 4-step stage" in (tmp_path / "default.md").read_text()
+
+
+def test_default_mode_compiles_when_it_pays(tmp_path, monkeypatch):
+    from gain_cli.bench import run_section
+    from gain_cli.models import compiling
+
+    if compiling.compile_unavailable("cpu") is not None:
+        pytest.skip("torch.compile cannot build CPU kernels here")
+    monkeypatch.setattr(compiling, "FIXED_SECONDS", {"train": 0.0, "eval": 0.0})
+    monkeypatch.setattr(compiling, "PER_LAYER_SECONDS", {"train": 0.0, "eval": 0.0})
+    r = run_section("default", "tiny", tmp_path, 2, default_steps=3, default_methods=("gain_ffn",), threads=1)
+    v = r["default_mode"]["methods"]["gain_ffn"]
+    assert v["compiled"] and "compiling saves" in v["decision"]
+    assert v["loss_max_rel_diff"] <= 1e-4  # compiled ours vs the eager Trainer: the same losses to rounding

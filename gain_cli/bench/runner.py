@@ -1,4 +1,11 @@
-"""``run_bench``: every benchmark section in one process on the same model, data and settings → bench.json + a table."""
+"""``run_bench``: every benchmark section in one process on the same model, data and settings → bench.json + a table.
+
+Sections (bench.json keys): ``training`` (+ ``training_bf16``, ``training_compiled``), ``perplexity``, ``boolq``,
+``inference``, ``threads`` (forward time per OpenMP wait policy × thread count, ``thread_probe``) and
+``busy_machine`` (``busy_probe``, ``bench/busy.py``: train and perplexity tok/s idle and under ``busy_loops``
+busy-loop processes the bench starts and kills itself, with the old fixed ACTIVE + every core setting vs the
+adaptive choice of ``gain_cli/threads.py``, and each as a fraction of the idle speed).
+"""
 
 from __future__ import annotations
 
@@ -17,7 +24,8 @@ from gain_cli.bench.timing import rel_diff
 from gain_cli.errors import GainError
 from gain_cli.models.compiling import compile_unavailable
 
-TARGETS = {"training_ratio_min": 1.2, "perplexity_ratio_min": 1.5, "merged_inference_ratio_max": 1.02}
+TARGETS = {"training_ratio_min": 1.2, "perplexity_ratio_min": 1.5, "merged_inference_ratio_max": 1.02,
+           "busy_adaptive_of_idle_min": 1 / 3}
 SMOLLM2_INLINE = {"name": "smollm2-135m", "source": "smollm2", "path": None, "revision": None, "tokenizer": None,
                   "dtype": "float32", "trust_remote_code": False, "arch_overrides": {}, "hf_config": {"model_type": "llama"}}
 
@@ -129,6 +137,14 @@ def _run(s: BenchSettings, out: Path, repeats: int, console, log) -> dict[str, A
         result["training_compiled"] = bench_training(model, spec, compile_methods, train_blocks, heldout,
                                                      replace(s, train_compile=True), repeats, probe, log=log)
         _compare_to_eager(result["training_compiled"], eager)
+    default_methods = {m: c for m, c in method_cfgs.items() if m in s.default_methods}
+    if s.default_steps and default_methods:
+        seq = s.default_seq or s.train_seq
+        log(f"default mode: a {s.default_steps}-step stage, ours with train.compile=auto vs the Trainer's default")
+        from gain_cli.bench.default_mode import bench_default_mode
+
+        result["default_mode"] = bench_default_mode(model, spec, default_methods, data.blocks(s.domain, "train", seq),
+                                                    s, repeats, log=log)
     log("evaluation: perplexity sweep vs lm-eval rolling log-likelihood")
     val_stream = data.stream(s.domain, "validation")
     result["perplexity"] = bench_perplexity(model, tokenizer, val_stream, s, repeats, log=log)
@@ -150,12 +166,70 @@ def _run(s: BenchSettings, out: Path, repeats: int, console, log) -> dict[str, A
         from gain_cli.bench.threads import bench_threads
 
         result["threads"] = bench_threads(model_cfg, cache_dir, s, log=log)
+    if s.busy_probe:
+        log(f"busy machine: train and perplexity under {s.busy_loops} busy loops, old vs adaptive threads")
+        from gain_cli.bench.busy import bench_busy
+
+        result["busy_machine"] = bench_busy(model_cfg, cache_dir, s, log=log)
     result["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     result["seconds"] = round(time.perf_counter() - t_start, 1)
     result["targets_met"] = targets_met(result)
     (out / "bench.json").write_text(json.dumps(result, indent=2, default=float) + "\n", encoding="utf-8")
     (out / "bench.md").write_text(markdown_table(result), encoding="utf-8")
     print_bench(result, console)
+    return result
+
+
+SECTIONS = ("busy", "default")  # what `gain bench --section` runs alone
+
+
+def run_section(section: str, size: str, out: str | Path, repeats: int, console=None, **changes: Any) -> dict[str, Any]:
+    """One section alone (``gain bench --section``): ``busy`` (the busy-machine section) or ``default`` (the
+    default-mode stage, ``default_steps`` 200 unless changed); writes ``<out>/<section>.json`` and prints its rows."""
+    from rich.console import Console
+
+    if section not in SECTIONS:
+        raise GainError(f"unknown bench section '{section}' (valid: {', '.join(SECTIONS)})")
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(var, "1")
+    if section == "default":
+        changes.setdefault("default_steps", 200)
+    s = bench_settings(size, **changes)
+    if s.threads:
+        torch.set_num_threads(int(s.threads))
+    console = console or Console()
+    log = lambda msg: console.print(msg, highlight=False)  # noqa: E731
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model_cfg, domains_cfg, method_cfgs, cache_dir = _configs(s)
+    result: dict[str, Any] = {"size": s.size, "settings": s.to_dict(), "repeats": repeats,
+                              "machine": {"cpu": _cpu_name(), "torch_threads": torch.get_num_threads(),
+                                          "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+                                          "loadavg_start": [round(x, 2) for x in os.getloadavg()]}}
+    if section == "busy":
+        from gain_cli.bench.busy import bench_busy
+
+        result["busy_machine"] = bench_busy(model_cfg, cache_dir, s, log=log)
+        rows = busy_rows(result)
+    else:
+        from gain_cli.bench.default_mode import bench_default_mode
+        from gain_cli.data.domains import DomainData, ensure_domains
+        from gain_cli.models.loading import load_model, model_spec
+
+        domains_cfg["sequence"] = [s.domain]
+        domains = ensure_domains(domains_cfg, cache_dir, log=log)
+        model, tokenizer = load_model(model_cfg, cache_dir)
+        blocks = DomainData(domains, tokenizer, cache_dir).blocks(s.domain, "train", s.default_seq or s.train_seq)
+        methods = {m: c for m, c in method_cfgs.items() if m in s.default_methods}
+        result["default_mode"] = bench_default_mode(model, model_spec(model_cfg, model.config.model_type), methods,
+                                                    blocks, s, repeats, log=log)
+        rows = default_rows(result)
+    result["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    (out / f"{section}.json").write_text(json.dumps(result, indent=2, default=float) + "\n", encoding="utf-8")
+    md = ["| what | ours | standard stack | ours / standard | check |", "|---|---:|---:|---:|---|"]
+    md += ["| " + " | ".join(row) + " |" for row in rows]
+    (out / f"{section}.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    console.print("\n".join(md), highlight=False, markup=False)
     return result
 
 
@@ -190,6 +264,8 @@ def targets_met(r: dict[str, Any]) -> dict[str, bool]:
     met = {f"training_{m}": v["ratio"] >= TARGETS["training_ratio_min"] for m, v in r["training"]["methods"].items()}
     met["perplexity_fp32"] = r["perplexity"]["fp32"]["ratio"] >= TARGETS["perplexity_ratio_min"]
     met["merged_inference"] = r["inference"]["merged_over_base"] <= TARGETS["merged_inference_ratio_max"]
+    for w, v in _busy_workloads(r):  # adaptive threads under the synthetic load keep a third of the idle speed
+        met[f"busy_{w}"] = (v["adaptive_of_idle"] or 0.0) >= TARGETS["busy_adaptive_of_idle_min"]
     return met
 
 
@@ -220,6 +296,7 @@ def bench_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
                      f"both compiled; {v['steady_speedup_over_eager_ours']:.2f}× our eager steps; first compile in "
                      f"the process +{v['first_run_extra_seconds']:.0f} s, {pays}; "
                      f"loss vs eager rel Δ {v['final_loss_rel_diff_vs_eager']:.0e}"))
+    rows += default_rows(r)
     for m, v in tr["methods"].items():
         fpt = v["flops_per_token"]
         rows.append((f"MFU {m}", f"{100 * v['ours_mfu']:.0f}%", f"{100 * v['trainer_mfu']:.0f}%", "",
@@ -257,6 +334,49 @@ def bench_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
         rows.append((f"fwd {cores} threads, OMP sleep/spin", f"{fm[f'PASSIVE/{cores}t']:.1f} ms",
                      f"{fm[f'ACTIVE/{cores}t']:.1f} ms", f"{th['active_over_passive']:.2f}×",
                      f"OMP_WAIT_POLICY=PASSIVE vs default, load {th['loadavg'][0]:.1f}"))
+    return rows + busy_rows(r)
+
+
+def _busy_workloads(r: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    bm = r.get("busy_machine") or {}
+    return [(w, bm[w]) for w in ("train", "perplexity") if w in bm]
+
+
+def _rate(x: float | None) -> str:
+    return "—" if x is None else f"{x:,.0f}"
+
+
+def _frac(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}"
+
+
+def default_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """Rows of the default-mode section (ours with train.compile=auto vs the Trainer's default, one whole stage)."""
+    rows = []
+    dm = r.get("default_mode") or {}
+    for m, v in dm.get("methods", {}).items():
+        rows.append((f"train {m} default mode, {dm['steps']}-step stage tok/s", f"{v['ours_tokens_per_s']:,.0f}",
+                     f"{v['trainer_tokens_per_s']:,.0f}", f"{v['ratio']:.2f}×",
+                     f"ours {'compiled' if v['compiled'] else 'eager'} by train.compile=auto, compile included; the "
+                     f"Trainer's default eager; {dm['batch']} × {dm['seq_len']} tokens per step; loss rel Δ ≤ "
+                     f"{v['loss_max_rel_diff']:.0e}"))
+    return rows
+
+
+def busy_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
+    """Rows of the busy-machine section: what | adaptive tok/s | old tok/s | adaptive / old | fractions of idle
+    and the choice (the "ours" column is the adaptive setting, the "standard" one the fixed setting before)."""
+    bm = r.get("busy_machine") or {}
+    rows = []
+    for w, v in _busy_workloads(r):
+        ada, old = bm["settings"]["adaptive"], bm["settings"]["old"]
+        loops = f"{bm['busy_loops']} busy loop{'' if bm['busy_loops'] == 1 else 's'}"
+        what = f"{'train gain_ffn' if w == 'train' else 'perplexity'} tok/s, {loops}: adaptive vs old"
+        rows.append((what, _rate(v["adaptive"]["tokens_per_s"]), _rate(v["old"]["tokens_per_s"]),
+                     "—" if v["adaptive_over_old"] is None else f"{v['adaptive_over_old']:.2f}×",
+                     f"{_frac(v['adaptive_of_idle'])} of idle vs {_frac(v['old_of_idle'])} of idle "
+                     f"(idle {_rate(v['idle']['tokens_per_s'])}); choice {ada['policy']} {ada['threads']}t vs "
+                     f"{old['policy']} {old['threads']}t; load average {bm['loadavg']['busy_end'][0]:.1f}"))
     return rows
 
 

@@ -54,6 +54,19 @@ class BenchSettings:
     # matmul probe
     probe_repeats: int = 5
     thread_probe: bool = True      # forward time under each OpenMP wait policy / thread count (subprocesses)
+    # busy machine (bench/busy.py): train and perplexity tok/s idle, and under busy_loops busy-loop processes with
+    # the old fixed (ACTIVE, every core) and the adaptive thread setting; fresh subprocesses, random token ids
+    busy_probe: bool = True
+    busy_loops: int = 2            # synthetic load: busy-loop processes the bench starts (and kills) itself
+    busy_max_seconds: float = 600  # hard lifetime of the load processes (they end by themselves, even on SIGKILL)
+    busy_timeout_seconds: float = 180  # per measurement subprocess (a timed-out one keeps its finished steps)
+    busy_train_steps: int = 6      # optimiser steps (batch train_batch × train_seq; the first one is not timed)
+    # default mode (bench/default_mode.py): one whole stage of default_steps steps, ours with train.compile=auto
+    # (decided as a run decides) against the Trainer's default (eager), the compile included; 0 = off
+    default_steps: int = 0
+    default_methods: tuple[str, ...] = METHODS
+    default_batch: int | None = None  # None: train_batch (a smaller batch keeps a 200-step stage affordable on CPU)
+    default_seq: int | None = None    # None: train_seq
     seed: int = 0
     threads: int | None = None     # torch threads (None: torch's default)
 
@@ -66,7 +79,8 @@ def bench_settings(size: str, **changes: Any) -> BenchSettings:
     if size == "tiny":
         base = BenchSettings(size="tiny", model="tiny-llama", model_overrides=("model.pretrain=null",),
                              train_steps=6, train_batch=8, train_seq=64, eval_seq=64, eval_windows=16, eval_batch=8,
-                             infer_batch=4, infer_seq=64, infer_repeats=5, probe_repeats=5, thread_probe=False)
+                             infer_batch=4, infer_seq=64, infer_repeats=5, probe_repeats=5, thread_probe=False,
+                             busy_probe=False)
     elif size == "smollm2":
         base = BenchSettings(size="smollm2", model="smollm2-135m",
                              train_steps=4, train_batch=4, train_seq=128, eval_seq=128, eval_windows=16, eval_batch=8,

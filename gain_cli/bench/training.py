@@ -166,7 +166,7 @@ def bench_training(base_model, spec, method_cfgs: dict[str, dict], blocks: torch
     """{method: {...}} plus the matmul probe's per-repeat rates; see the module doc."""
     import gc
 
-    from gain_cli.bench.probes import flops_per_token
+    from gain_cli.models.flops import flops_per_token
 
     steps = s.train_steps
     rows = trainer_rows(blocks, s, steps)

@@ -226,7 +226,7 @@ class DriftTrainer:
         with prepared_for_stage(acc, model, self.optimizer) as (pmodel, optimizer), no_kv_cache(model):
             if acc.scaler is not None and self.scaler_state is not None:
                 acc.scaler.load_state_dict(self.scaler_state)
-            forward = maybe_compile(pmodel, bool(self.cfg.get("compile", False)), acc.device, "train.compile")
+            forward = maybe_compile(pmodel, self.cfg.get("compile", False) is True, acc.device, "train.compile")
             t0 = time.perf_counter()
             for step in range(start, hi):
                 local = step - lo  # 0-based step of the segment (fault points and logs as a staged stage's)

@@ -127,7 +127,7 @@ def train_stage(model, method, blocks: torch.Tensor, train_cfg, *, seed: int, st
             accelerator.scaler.load_state_dict(saved["scaler"])
         if engine is not None:
             pmodel = engine
-        forward = maybe_compile(pmodel, bool(train_cfg.get("compile", False)), accelerator.device, "train.compile")
+        forward = maybe_compile(pmodel, train_cfg.get("compile", False) is True, accelerator.device, "train.compile")
         t0 = time.perf_counter()
         tokens0 = tokens
         for step in range(start, steps):

@@ -85,7 +85,7 @@ def make_engine(model: nn.Module, method, train_cfg, device_type: str, world: in
         raise GainError(f"method '{method.name}' cannot train with train.sharding=zero3: its penalty is computed "
                         "outside the forward, where ZeRO-3 parameters are empty (set it to 0, or use "
                         "train.sharding=fsdp)")
-    if bool(train_cfg.get("compile", False)):
+    if train_cfg.get("compile", False) is True:  # auto: eager under ZeRO-3 (Experiment.plan_compile)
         raise GainError("train.compile is not supported with train.sharding=zero3 (DeepSpeed's hooks gather the "
                         "parameters around every module); set train.compile=false or use train.sharding=fsdp")
     deepspeed = import_deepspeed(device_type)
