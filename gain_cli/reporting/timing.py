@@ -68,7 +68,7 @@ def time_shares(timings: list[dict[str, Any]], peak_flops: float | None = None) 
     flops = {p: sum(s["phases"][p]["flops"] for s in sessions) for p in PHASES}
     tokens = {p: sum(s["phases"][p]["tokens"] for s in sessions) for p in PHASES}
     out: dict[str, Any] = {
-        "runs": len(timings), "sessions": len(sessions), "wall_seconds": round(wall, 1),
+        "runs": len(timings), "sessions": len(sessions), "wall_seconds": wall,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "share": {k: (round(v / wall, 4) if wall else None) for k, v in seconds.items()},
         "tokens": tokens, "flops": flops, "total_flops": sum(flops.values()),
