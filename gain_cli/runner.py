@@ -236,8 +236,9 @@ class Experiment:
         from gain_cli.models.compiling import decide_compile
 
         cfg, device = self.cfg, self.accelerator.device
-        layers = int(getattr(getattr(self.model.config, "get_text_config", lambda: self.model.config)(),
-                             self.spec.layers_key, 1) or 1)
+        from gain_cli.architectures import decoder_layers
+
+        layers = len(decoder_layers(self.model, self.spec))
         refused = {"train": "train.sharding=zero3 trains eager (DeepSpeed's hooks)" if self.sharding == "zero3" else None,
                    "eval": "sharded evaluation runs eager" if self.sharded else None}
 
@@ -826,13 +827,9 @@ def estimate_runtime(exp: Experiment, stages_left: int, base_missing: bool) -> s
     """A rough time estimate from one measured forward pass (printed before the work starts)."""
     cfg = exp.cfg
     blocks = next(iter(exp.eval_blocks.values()))[: int(cfg.eval.batch_size)].to(exp.accelerator.device)
-    from gain_cli.evaluation.perplexity import no_grad_for
+    from gain_cli.evaluation.perplexity import forward_tokens_per_s
 
-    with no_grad_for(exp.model):
-        exp.model(input_ids=blocks[:1])  # warm-up
-        t0 = time.perf_counter()
-        exp.model(input_ids=blocks)
-        fwd_tps = blocks.numel() / max(time.perf_counter() - t0, 1e-9)
+    fwd_tps = forward_tokens_per_s(exp.model, blocks)
     eval_tokens = sum(b.numel() for b in exp.eval_blocks.values())
     sweeps = stages_left + (1 if base_missing else 0)
     step_tokens = int(cfg.train.batch_size) * int(cfg.train.get("grad_accum", 1)) * int(cfg.train.seq_len)

@@ -27,15 +27,9 @@ from gain_cli.bench.timing import median, paired_ratio, rel_diff
 def step_seconds_estimate(model, blocks: torch.Tensor) -> float:
     """A training step's seconds as a run estimates them before it starts (``gain_cli.runner.estimate_runtime``):
     one timed forward of the batch, a training token costing 3 forward tokens."""
-    import time
+    from gain_cli.evaluation.perplexity import forward_tokens_per_s
 
-    from gain_cli.evaluation.perplexity import no_grad_for
-
-    with no_grad_for(model):
-        model(input_ids=blocks[:1])  # warm-up
-        t0 = time.perf_counter()
-        model(input_ids=blocks)
-        return 3.0 * (time.perf_counter() - t0)
+    return 3.0 * blocks.numel() / forward_tokens_per_s(model, blocks)
 
 
 def bench_default_mode(base_model, spec, method_cfgs: dict[str, dict], blocks: torch.Tensor, s, repeats: int,
@@ -49,7 +43,9 @@ def bench_default_mode(base_model, spec, method_cfgs: dict[str, dict], blocks: t
     steps = s.default_steps
     if blocks.shape[1] != s.train_seq:
         raise ValueError(f"default mode: blocks of {blocks.shape[1]} tokens, settings say {s.train_seq}")
-    layers = int(getattr(base_model.config.get_text_config(), spec.layers_key, 1) or 1)
+    from gain_cli.architectures import decoder_layers
+
+    layers = len(decoder_layers(base_model, spec))
     rows = trainer_rows(blocks, s, steps)
     step_s = step_seconds_estimate(base_model, blocks[: s.train_batch])
     out: dict[str, Any] = {"steps": steps, "batch": s.train_batch, "seq_len": s.train_seq,

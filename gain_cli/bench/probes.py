@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from gain_cli.models.flops import attention_flops_per_token, flops_per_token, matmul_shapes  # noqa: F401
+from gain_cli.models.flops import matmul_shapes
 
 
 def _time_once(fn, *args) -> float:

@@ -103,7 +103,8 @@ def _run(s: BenchSettings, out: Path, repeats: int, console, log) -> dict[str, A
 
     from gain_cli.bench.evaluation import bench_boolq, bench_perplexity
     from gain_cli.bench.inference import bench_inference
-    from gain_cli.bench.probes import MatmulProbe, flops_per_token
+    from gain_cli.bench.probes import MatmulProbe
+    from gain_cli.models.flops import flops_per_token
     from gain_cli.bench.training import bench_training
 
     result: dict[str, Any] = {

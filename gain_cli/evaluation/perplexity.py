@@ -107,3 +107,15 @@ def _evaluate_blocks(model, blocks, batch_size, accelerator, autocast_dtype, com
         per_block = accelerator.reduce(per_block, "sum")
     model.train(was_training)
     return PplResult(float(nll), int(count), [float(x) for x in per_block.cpu()])
+
+
+def forward_tokens_per_s(model, blocks: torch.Tensor) -> float:
+    """Tokens per second of one timed forward of ``blocks`` (after a one-row warm-up): what a run's time estimate
+    and its ``auto`` compile decision start from."""
+    import time
+
+    with no_grad_for(model):
+        model(input_ids=blocks[:1])  # warm-up
+        t0 = time.perf_counter()
+        model(input_ids=blocks)
+        return blocks.numel() / max(time.perf_counter() - t0, 1e-9)
