@@ -223,7 +223,7 @@ def to_yaml(cfg: DictConfig) -> str:
 # computes: a resumed run may change them
 PLACEMENT_KEYS = ("run_dir", "run_name", "resume", "output_root", "launcher", "train.log_every", "train.log_with",
                   "train.checkpoint_every", "eval.harness.save_samples", "base_row", "study",
-                  # compiled and eager runs agree within the tolerance the tests check (README Performance)
+                  # compiled and eager runs agree within the tolerance the tests check (docs/performance.md)
                   "train.compile", "eval.compile")
 
 

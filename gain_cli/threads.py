@@ -1,8 +1,8 @@
 """CPU threads fair on a busy machine: the OpenMP wait policy and the torch thread count from the load.
 
 PyTorch's OpenMP pool spins its idle threads at every barrier. On idle cores that is the fastest setting; on a
-machine shared with other work a descheduled spinning pool thread stalls every parallel region (README "Thread
-settings": 6.7-97× slower forwards measured here at load 3-5). The wait policy is read once, when the OpenMP
+machine shared with other work a descheduled spinning pool thread stalls every parallel region (docs/performance.md,
+"Thread settings": 6.7-97× slower forwards measured here at load 3-5). The wait policy is read once, when the OpenMP
 runtime loads (``import torch``), so ``choose`` runs in the CLI entry, before anything imports torch:
 
 * idle (1-minute load average of the other work < ``IDLE_LOAD``): spinning (``ACTIVE``), one thread per core;

@@ -1,4 +1,4 @@
-"""`gain bench`: training and evaluation speed against the standard stack, in one process (see README.md, "Performance").
+"""`gain bench`: training and evaluation speed against the standard stack, in one process (see docs/performance.md).
 
 ``run_bench(size, out, repeats)`` measures, on the same model, data and settings:
   training    our stage loop vs the Hugging Face Trainer (+PEFT) for gain_ffn, lora, full_ft (tokens/s, loss agreement)

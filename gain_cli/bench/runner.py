@@ -382,7 +382,7 @@ def busy_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str, str]]:
 
 
 def markdown_table(r: dict[str, Any]) -> str:
-    """The summary table as Markdown (written next to bench.json as bench.md; pasted into the README)."""
+    """The summary table as Markdown (written next to bench.json as bench.md; pasted into docs/performance.md)."""
     m = r["machine"]
     head = (f"{r['model']['name']} · median of {r['repeats']} · {m['torch_threads']} threads · "
             f"fp32 matmul peak {r['training']['peak_gflops']:.0f} GFLOP/s · load {m['loadavg_start'][0]:.1f} → "
