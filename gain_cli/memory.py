@@ -39,41 +39,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from gain_cli.errors import GainError
+from gain_cli.models.skeletons import config_without_weights, meta_skeleton
 
 SHARDINGS = ("none", "fsdp", "zero3")
 _SIXTEEN_BIT = ("bfloat16", "float16")
 
 
 def _hf_config(model_cfg: Mapping[str, Any]):
-    from transformers import AutoConfig
-
-    from gain_cli.models.loading import hf_config_from
-
-    if (model_cfg.get("hf_config") or {}).get("model_type"):
-        vocab = None
-        if model_cfg.get("tokenizer") == "bytes" and "vocab_size" not in (model_cfg.get("hf_config") or {}):
-            from gain_cli.models.tokenizers import byte_tokenizer
-
-            vocab = len(byte_tokenizer())
-        return hf_config_from(model_cfg, vocab_size=vocab)
-    path = model_cfg.get("path")
-    if path and (Path(os.path.expanduser(str(path))) / "config.json").is_file():
-        return AutoConfig.from_pretrained(os.path.expanduser(str(path)), local_files_only=True,
-                                          trust_remote_code=bool(model_cfg.get("trust_remote_code", False)))
-    raise GainError(f"model config '{model_cfg.get('name')}' has no hf_config (and no local model.path with a "
-                    "config.json): add the architecture fields under model.hf_config to estimate memory")
-
-
-def _skeleton(config, dtype):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return config_without_weights(model_cfg, from_disk=True)[0]
 
 
 def _bytes(params) -> int:
@@ -82,9 +58,7 @@ def _bytes(params) -> int:
 
 def _table_trainable(model, method_cfg: Mapping[str, Any], spec) -> int:
     """Trainable parameters from the architecture table (fallback when attaching on meta fails)."""
-    from torch import nn
-
-    from gain_cli.architectures import decoder_layers, get_submodule
+    from gain_cli.architectures import decoder_layers, get_submodule, in_features
 
     kind = method_cfg.get("kind") or method_cfg.get("name")
     if kind == "full_ft":
@@ -93,9 +67,7 @@ def _table_trainable(model, method_cfg: Mapping[str, Any], spec) -> int:
     if kind == "gain":
         alias = {"attn": spec.attn_out, "ffn": spec.ffn_down}
         paths = [alias.get(m, m) for m in (method_cfg.get("modules") or ["attn", "ffn"])]
-        # nn.Linear weight (out, in), GPT-2 Conv1D weight (in, out): the gain has one entry per input
-        return sum((get_submodule(layer, p).weight.shape[1] if isinstance(get_submodule(layer, p), nn.Linear)
-                    else get_submodule(layer, p).weight.shape[0]) for layer in layers for p in paths)
+        return sum(in_features(get_submodule(layer, p)) for layer in layers for p in paths)  # one gain per input
     if kind == "lora":
         r = int(method_cfg.get("r", 8))
         targets = tuple(method_cfg.get("target_modules") or spec.lora_targets)
@@ -129,7 +101,7 @@ def _attached(base, config, dtype, method_cfg: Mapping[str, Any], spec) -> tuple
     except GainError:
         raise
     except Exception:  # noqa: BLE001  (a method that cannot attach to meta tensors)
-        trainable = _table_trainable(_skeleton(config, dtype), method_cfg, spec)
+        trainable = _table_trainable(meta_skeleton(config, dtype), method_cfg, spec)
         kind = method_cfg.get("kind") or method_cfg.get("name")
         added = 0 if kind == "full_ft" else trainable  # GAIN gains / LoRA adapters are fp32
         return trainable, added, 4 * added, "architecture table (attaching on meta failed)"
@@ -159,7 +131,7 @@ def memory_estimate(model_cfg: Mapping[str, Any], method_cfg: Mapping[str, Any],
     dtype = torch_dtype(dtype_name)
     config = _hf_config(model_cfg)
     spec = model_spec(model_cfg, config.model_type)
-    base = _skeleton(config, dtype)
+    base = meta_skeleton(config, dtype)
     layer_numels = _layer_numels(base, spec)  # before attaching (PEFT moves the layers)
     base_numel, base_bytes = sum(p.numel() for p in base.parameters()), _bytes(base.parameters())
     trainable, added, added_bytes, how = _attached(base, config, dtype, method_cfg, spec)
@@ -223,24 +195,6 @@ def check_sequence_lengths(cfg, keys: tuple[str, ...] = ("train.seq_len", "eval.
         if isinstance(value, int) and value > positions:
             raise GainError(f"{key}={value} is longer than model {cfg.model.name}'s {positions} positions "
                             f"(valid: 1..{positions})")
-
-
-def sharding_of(accelerate_config: str | None) -> str:
-    """'fsdp', 'zero3' or 'none' from an Accelerate config file (a name under configs/accelerate/ or a path)."""
-    if not accelerate_config:
-        return "none"
-    from omegaconf import OmegaConf
-
-    from gain_cli.launcher import resolve_accelerate_config
-
-    cfg = OmegaConf.to_container(OmegaConf.load(resolve_accelerate_config(accelerate_config)))
-    kind = str(cfg.get("distributed_type", "NO")).upper()
-    if kind == "FSDP":
-        return "fsdp"  # estimated as full sharding (weights, gradients and optimizer states split N ways)
-    if kind == "DEEPSPEED":
-        stage = int((cfg.get("deepspeed_config") or {}).get("zero_stage", 0))
-        return "zero3" if stage == 3 else "none"
-    return "none"
 
 
 def estimate_for_config(cfg) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from gain_cli.architectures import (ARCHITECTURES, arch_for, decoder_layers, get_submodule, hidden_size,
-                                    intermediate_size, num_layers)
+                                    intermediate_size, is_transposed, logit_softcap, num_layers)
 from gain_cli.errors import GainError
 from gain_cli.methods import build_method
 from gain_cli.methods.gain import GainWrapper, in_features
@@ -48,6 +48,7 @@ def test_row_matches_transformers_modules(model_type):
         assert in_features(ffn) == intermediate_size(cfg, spec) == 48
         assert _out_features(ffn) == hidden_size(cfg, spec) == 32
         assert isinstance(attn, Conv1D) == (model_type == "gpt2")
+        assert is_transposed(attn) == is_transposed(ffn) == spec.transposed_weights  # the row says the layout
     # every LoRA target suffix names at least one projection in every layer
     for layer in layers:
         names = [n for n, m in layer.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
@@ -122,3 +123,11 @@ def test_overrides_describe_an_unknown_architecture():
         build_method({"name": "lora", "kind": "lora"}, bare).attach(tiny_model("llama"))
     with pytest.raises(GainError, match="ia3_targets"):
         build_method({"name": "ia3", "kind": "ia3"}, arch_for("mystery_lm", over)).attach(tiny_model("llama"))
+
+
+def test_rows_say_where_the_logits_are_soft_capped():
+    from tiny_models import tiny_config
+
+    gemma2 = tiny_config("gemma2")
+    assert logit_softcap(gemma2, arch_for("gemma2")) == gemma2.final_logit_softcapping > 0
+    assert logit_softcap(tiny_config("llama"), arch_for("llama")) is None

@@ -33,6 +33,20 @@ TINY_CONFIGS: dict[str, dict] = {
     "phi3": dict(_COMMON_DECODER, num_key_value_heads=4, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0,
                  tie_word_embeddings=False),
     "gpt_neox": dict(_COMMON_DECODER, attention_dropout=0.0, hidden_dropout=0.0, tie_word_embeddings=False),
+    "stablelm": dict(_COMMON_DECODER, num_key_value_heads=2, attention_dropout=0.0, hidden_dropout=0.0,
+                     tie_word_embeddings=False),
+    "olmo": dict(_COMMON_DECODER, num_key_value_heads=2, attention_dropout=0.0, tie_word_embeddings=False),
+    # Falcon-7B's layout: one fused query_key_value with multi-query attention, attention and MLP in parallel
+    "falcon": dict(hidden_size=HIDDEN, ffn_hidden_size=INTER, num_hidden_layers=2, num_attention_heads=4,
+                   multi_query=True, parallel_attn=True, bias=False, alibi=False, hidden_dropout=0.0,
+                   attention_dropout=0.0, tie_word_embeddings=True),
+    # OPT: a decoder under model.decoder, fc1/fc2 directly in the layer
+    "opt": dict(hidden_size=HIDDEN, ffn_dim=INTER, word_embed_proj_dim=HIDDEN, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=128, dropout=0.0, attention_dropout=0.0,
+                activation_dropout=0.0, tie_word_embeddings=True),
+    # GPT-J: GPT-2's key names with nn.Linear projections and rotary embeddings on part of each head
+    "gptj": dict(n_embd=HIDDEN, n_inner=INTER, n_layer=2, n_head=4, n_positions=128, rotary_dim=4,
+                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=False),
 }
 
 MODEL_TYPES = tuple(TINY_CONFIGS)

@@ -43,9 +43,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
-
-from gain_cli.architectures import decoder_layers, get_submodule
+from gain_cli.architectures import decoder_layers, get_submodule, in_features, is_transposed
 from gain_cli.errors import GainError, unknown_choice
 from gain_cli.methods.base import Method, check_state_keys, freeze, register
 from gain_cli.training.sharding import (full, global_sum, is_dtensor, local, mul_replicated_, reshard, set_full_,
@@ -53,15 +51,6 @@ from gain_cli.training.sharding import (full, global_sum, is_dtensor, local, mul
 
 PARAMETRIZATIONS = ("plain", "exp")
 CARRY_MODES = ("auto", "merge", "product")
-
-
-def in_features(module: nn.Module) -> int:
-    """Number of input channels of a projection (the length of its gain vector)."""
-    if isinstance(module, Conv1D):
-        return module.weight.shape[0]
-    if isinstance(module, nn.Linear):
-        return module.in_features
-    raise GainError(f"GAIN supports nn.Linear and GPT-2 Conv1D projections, not {type(module).__name__}")
 
 
 def scale_input_channels(weight: torch.Tensor, s: torch.Tensor, conv1d: bool) -> torch.Tensor:
@@ -93,7 +82,7 @@ class GainWrapper(nn.Module):
 
     @property
     def is_conv1d(self) -> bool:
-        return isinstance(self.base, Conv1D)
+        return is_transposed(self.base)
 
     def scale(self) -> torch.Tensor:
         """The stage's own s (fp32)."""

@@ -92,7 +92,7 @@ def ia3_config(cfg: Mapping[str, Any], spec):
     if bad:
         raise GainError(f"method.feedforward_modules must be a subset of method.target_modules (not in it: {bad})")
     return IA3Config(target_modules=list(targets), feedforward_modules=list(ff),
-                     fan_in_fan_out=spec.model_type == "gpt2", task_type="CAUSAL_LM")
+                     fan_in_fan_out=spec.transposed_weights, task_type="CAUSAL_LM")
 
 
 @register("ia3")

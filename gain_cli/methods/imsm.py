@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutput
 
+from gain_cli.architectures import logit_softcap
 from gain_cli.errors import GainError, unknown_choice
 from gain_cli.methods.base import Method, check_state_keys, freeze, register
 from gain_cli.methods.lora import (adapter_formula, attach_peft, check_peft_targets, load_peft_state, lora_config,
@@ -105,11 +106,12 @@ class SiameseLM(nn.Module):
 
     main_input_name = "input_ids"
 
-    def __init__(self, frozen: nn.Module, tuned: nn.Module, gate: SiameseGate):
+    def __init__(self, frozen: nn.Module, tuned: nn.Module, gate: SiameseGate, logit_softcap: float | None = None):
         super().__init__()
         self.frozen = frozen
         self.tuned = tuned
         self.gate = gate
+        self.logit_softcap = logit_softcap  # the head's final-logit soft-capping (Gemma 2/3), as the HF model does
 
     # -- what HF / lm-eval callers look at --
     @property
@@ -164,7 +166,7 @@ class SiameseLM(nn.Module):
         h = g * h_f.float() + (1.0 - g) * h_t.float()
         head = self.frozen.get_output_embeddings()
         logits = head(h.to(head.weight.dtype))
-        cap = getattr(self.config, "final_logit_softcapping", None)
+        cap = self.logit_softcap
         if cap:
             logits = torch.tanh(logits / cap) * cap
         loss = None
@@ -216,7 +218,7 @@ class Imsm(Method):
         head = model.get_output_embeddings()
         gate = SiameseGate(head.weight.shape[1], self.gate_rank, self.gate_dropout, device=head.weight.device)
         tuned = attach_peft(model, self.peft_config(), self.name)
-        return SiameseLM(frozen, tuned, gate)
+        return SiameseLM(frozen, tuned, gate, logit_softcap(frozen.config, self.spec))
 
     def _siamese(self, model: nn.Module) -> SiameseLM:
         if not isinstance(model, SiameseLM):

@@ -37,7 +37,7 @@ def lora_config(cfg: Mapping[str, Any], spec):
         lora_dropout=float(cfg.get("dropout", 0.0)),
         target_modules=list(targets),
         bias="none",
-        fan_in_fan_out=spec.model_type == "gpt2",
+        fan_in_fan_out=spec.transposed_weights,
         task_type="CAUSAL_LM",
     )
 

@@ -9,8 +9,7 @@
     formula:   36 layers × (1,280 (attn) + 5,120 (ffn)) = 230,400
 
 The skeleton is built from ``model.hf_config`` (the architecture fields carried by every model
-config) with ``AutoConfig.for_model`` + ``AutoModelForCausalLM.from_config`` under
-``torch.device("meta")``; the method is attached to it exactly as in a run.
+config) by ``gain_cli.models.skeletons`` on the meta device; the method is attached to it exactly as in a run.
 """
 
 from __future__ import annotations
@@ -20,9 +19,7 @@ from typing import Any
 
 import torch
 
-from gain_cli.errors import GainError
-
-FALLBACK_VOCAB = 256 + 4  # no vocab_size and no byte tokenizer: 256 bytes + 4 special tokens (a guess, said so)
+from gain_cli.models.skeletons import FALLBACK_VOCAB, config_without_weights, meta_skeleton  # noqa: F401  (tests)
 
 
 def _unique_numel(params) -> int:
@@ -34,48 +31,12 @@ def _unique_numel(params) -> int:
     return n
 
 
-def meta_config(model_cfg: Mapping[str, Any]) -> tuple[Any, str | None]:
-    """(HF config from ``model_cfg["hf_config"]``, a note when the vocabulary size was assumed)."""
-    from transformers import AutoConfig
-
-    fields = dict(model_cfg.get("hf_config") or {})
-    model_type = fields.pop("model_type", None)
-    if not model_type:
-        raise GainError(f"model config '{model_cfg.get('name')}' has no hf_config.model_type: add the architecture "
-                        "fields (model_type, hidden sizes, layers, heads, vocab_size, …) under model.hf_config")
-    note = None
-    if "vocab_size" not in fields:
-        if model_cfg.get("tokenizer") == "bytes":  # what load_model gives such a model: the built-in byte tokenizer
-            from gain_cli.models.tokenizers import byte_tokenizer
-
-            fields["vocab_size"] = len(byte_tokenizer())
-            note = (f"hf_config has no vocab_size; used {fields['vocab_size']}, the size of the built-in byte-level "
-                    "tokenizer (model.tokenizer=bytes)")
-        else:
-            fields["vocab_size"] = FALLBACK_VOCAB
-            note = (f"hf_config has no vocab_size; assumed {FALLBACK_VOCAB} (256 bytes + 4 special tokens); "
-                    "set model.hf_config.vocab_size for an exact count")
-    try:
-        config = AutoConfig.for_model(model_type, **fields)
-    except (ValueError, KeyError, TypeError) as exc:
-        raise GainError(f"model config '{model_cfg.get('name')}': {str(exc).splitlines()[0]}") from exc
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # defaults may point outside a small vocabulary
-        v = getattr(config, key, None)
-        if isinstance(v, int) and v >= config.vocab_size and key not in fields:
-            setattr(config, key, None)
-    return config, note
-
-
 def build_meta_model(model_cfg: Mapping[str, Any]):
     """The model's skeleton (``*ForCausalLM``) on the meta device, from ``model_cfg["hf_config"]`` alone."""
-    from transformers import AutoModelForCausalLM
-
     from gain_cli.models.loading import torch_dtype
 
-    config, note = meta_config(model_cfg)
-    dtype = torch_dtype(str(model_cfg.get("dtype", "float32")))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    config, note = config_without_weights(model_cfg, missing_vocab="fallback")
+    model = meta_skeleton(config, torch_dtype(str(model_cfg.get("dtype", "float32"))))
     model.gain_meta_note = note
     return model
 

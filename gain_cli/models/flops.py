@@ -18,24 +18,17 @@ from typing import Any
 
 from torch import nn
 
+from gain_cli.architectures import is_projection, projection_shape, text_config
+
 
 def matmul_shapes(model: nn.Module) -> list[tuple[int, int, bool]]:
     """(in_features, out_features, trainable) of every matmul weight of the model (each occurrence)."""
-    from transformers.pytorch_utils import Conv1D
-
-    out = []
-    for mod in model.modules():
-        if isinstance(mod, nn.Linear):
-            out.append((mod.in_features, mod.out_features, bool(mod.weight.requires_grad)))
-        elif isinstance(mod, Conv1D):
-            i, o = mod.weight.shape
-            out.append((int(i), int(o), bool(mod.weight.requires_grad)))
-    return out
+    return [(*projection_shape(mod), bool(mod.weight.requires_grad)) for mod in model.modules() if is_projection(mod)]
 
 
 def attention_flops_per_token(config: Any, seq_len: int) -> float:
     """Forward FLOPs per token of the attention scores and the weighted sum (causal: mean context (T+1)/2)."""
-    cfg = getattr(config, "text_config", None) or config
+    cfg = text_config(config)
     layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None) or 0
     heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", None) or 0
     hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd", None) or 0

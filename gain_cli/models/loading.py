@@ -19,6 +19,7 @@ import torch
 
 from gain_cli.architectures import ArchSpec, arch_for
 from gain_cli.errors import GainError
+from gain_cli.models.skeletons import hf_config_from
 
 SOURCES = ("config", "pretrained", "smollm2")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -28,21 +29,6 @@ def torch_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise GainError(f"unknown model.dtype '{name}' (valid: {', '.join(DTYPES)})")
     return DTYPES[name]
-
-
-def hf_config_from(model_cfg: Mapping[str, Any], vocab_size: int | None = None):
-    from transformers import AutoConfig
-
-    fields = dict(model_cfg.get("hf_config") or {})
-    model_type = fields.pop("model_type", None)
-    if not model_type:
-        raise GainError(f"model config '{model_cfg.get('name')}' has no hf_config.model_type")
-    if vocab_size is not None:
-        fields["vocab_size"] = vocab_size
-    try:
-        return AutoConfig.for_model(model_type, **fields)
-    except ValueError as exc:
-        raise GainError(f"model config '{model_cfg.get('name')}': {str(exc).splitlines()[0]}") from exc
 
 
 def model_spec(model_cfg: Mapping[str, Any], model_type: str | None = None) -> ArchSpec:
