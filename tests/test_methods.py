@@ -29,12 +29,13 @@ METHODS = {
     "gain_ffn": {"name": "gain_ffn", "kind": "gain", "modules": ["attn", "ffn"], "parametrization": "plain"},
     "gain_ffn_exp": {"name": "gain_ffn_exp", "kind": "gain", "modules": ["attn", "ffn"], "parametrization": "exp"},
     "lora": {"name": "lora", "kind": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+    "dora": {"name": "dora", "kind": "dora", "r": 4, "alpha": 8, "dropout": 0.0},
     "ia3": {"name": "ia3", "kind": "ia3", "target_modules": None, "feedforward_modules": None},
     "full_ft": {"name": "full_ft", "kind": "full_ft"},
     "imsm": {"name": "imsm", "kind": "imsm", "backbone": "lora", "r": 4, "alpha": 8, "gate_rank": 2},
     "imsm_ia3": {"name": "imsm_ia3", "kind": "imsm", "backbone": "ia3", "gate_rank": 2},
 }
-MERGEABLE = ("gain_attn", "gain_ffn", "gain_ffn_exp", "lora", "ia3")
+MERGEABLE = ("gain_attn", "gain_ffn", "gain_ffn_exp", "lora", "dora", "ia3")
 
 LAYERS = {"gpt2": "transformer.h", "llama": "model.layers", "qwen2": "model.layers"}
 ATTN = {"gpt2": "attn.c_proj", "llama": "self_attn.o_proj", "qwen2": "self_attn.o_proj"}
@@ -75,6 +76,9 @@ def expected_trainable(key: str, model_type: str, model) -> tuple[set[str], int]
     gate_n = 5 * HIDDEN * 2  # A: 4d x r, B: r x d, r = 2
     if key == "lora":
         return lora_names, lora_n
+    if key == "dora":  # LoRA's A and B, plus one magnitude per output row of every target
+        magnitudes = {f"{PEFT}{lay}.{p}.lora_magnitude_vector.default.weight" for lay in layers for p in LORA[model_type]}
+        return lora_names | magnitudes, lora_n + L * sum(o for _, o in LORA[model_type].values())
     if key == "ia3":
         return ia3_names, ia3_n
     if key == "imsm":

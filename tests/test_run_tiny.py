@@ -143,7 +143,7 @@ def test_eval_of_a_run_stage(gain_run):
     assert res.exit_code == 2 and "stages are numbered 1..8" in res.output and "Traceback" not in res.output
 
 
-@pytest.mark.parametrize("method", ["lora", "full_ft", "gain_attn"])
+@pytest.mark.parametrize("method", ["lora", "dora", "full_ft", "gain_attn"])
 def test_other_methods_run_and_adapt(method, tmp_path):
     rd = tmp_path / method
     res = runner.invoke(app, ["run", *FAST, f"method={method}", f"run_dir={rd}", "domains.sequence=[dna,code]"])
