@@ -33,8 +33,10 @@ setup-deepspeed: setup
 test-deepspeed: setup-deepspeed
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q -m deepspeed
 
-# The default suite, then the two-process equivalence tests (marked so a plain `pytest` stays fast).
+# The import contracts (pyproject.toml, [tool.importlinter]), the default suite, then the two-process equivalence
+# tests (marked so a plain `pytest` stays fast).
 test: setup
+	$(BIN)/lint-imports
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python -m pytest -q -m multiproc
 

@@ -65,6 +65,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from gain_cli.accelerate_configs import resolve_accelerate_config, sharding_of
 from gain_cli.errors import GainError
 
 LAUNCHED_ENV = "GAIN_LAUNCHED"
@@ -105,21 +106,6 @@ def needs_launch(settings: Mapping[str, Any]) -> bool:
     return (settings["num_processes"] > 1 or settings["num_machines"] > 1) and not inside_launch()
 
 
-def resolve_accelerate_config(name_or_path: str) -> Path:
-    """``fsdp`` → <configs>/accelerate/fsdp.yaml; otherwise a path (relative to the working directory)."""
-    from gain_cli.config import configs_dir
-
-    p = Path(os.path.expanduser(str(name_or_path)))
-    if p.is_file():
-        return p.resolve()
-    shipped_file = configs_dir() / "accelerate" / f"{p.name[:-5] if p.name.endswith('.yaml') else p.name}.yaml"
-    if p.parent == Path(".") and shipped_file.is_file():
-        return shipped_file.resolve()
-    shipped = sorted(q.stem for q in (configs_dir() / "accelerate").glob("*.yaml"))
-    raise GainError(f"launcher.accelerate_config '{name_or_path}' is neither a file nor one of the shipped "
-                    f"configs ({', '.join(shipped) or 'none'})")
-
-
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -149,8 +135,6 @@ def build_launch_command(cfg, argv: Sequence[str], run_dir: str | Path | None = 
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     config_file = resolve_accelerate_config(st["accelerate_config"]) if st["accelerate_config"] else None
     if config_file is not None:
-        from gain_cli.memory import sharding_of
-
         if sharding_of(str(config_file)) in ("fsdp", "zero3"):
             # gain shards the model itself (gain_cli.training.sharding: train.sharding=fsdp|zero3, which this
             # config implies): Accelerate launches plain processes (on CPU it would silently drop its FSDP plugin

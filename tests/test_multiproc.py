@@ -399,8 +399,7 @@ def test_bad_launcher_settings_are_one_line_errors(fake_popen):
 def test_shipped_accelerate_configs_parse():
     from omegaconf import OmegaConf
 
-    from gain_cli.launcher import resolve_accelerate_config
-    from gain_cli.memory import sharding_of
+    from gain_cli.accelerate_configs import resolve_accelerate_config, sharding_of
 
     expect = {"ddp": ("MULTI_GPU", "none"), "fsdp": ("FSDP", "fsdp"), "deepspeed_zero3": ("DEEPSPEED", "zero3")}
     for name, (kind, sharding) in expect.items():

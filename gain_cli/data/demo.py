@@ -27,7 +27,7 @@ from typing import Any
 from gain_cli.data.cloze import CLOZE_ITEMS, fetch_cloze
 from gain_cli.data.demo_sources import SOURCES, fetch_boolq
 from gain_cli.data.demo_text import cap_documents, prepare_documents, split_documents
-from gain_cli.data.domains import write_documents
+from gain_cli.data.documents import write_documents
 from gain_cli.errors import GainError
 from gain_cli.io import atomic_write_json, atomic_write_text, file_lock, read_json
 from gain_cli.outputs import claim_output_dir, mark_output_dir

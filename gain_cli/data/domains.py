@@ -12,8 +12,7 @@ Token streams are cached as .npy under ``<cache_dir>/tokens`` keyed by file cont
 from __future__ import annotations
 
 import hashlib
-import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from gain_cli.data.demo import DEMO_DOMAINS, build_demo, is_complete
+from gain_cli.data.documents import read_documents, write_documents
+from gain_cli.data.tiny import GENERATORS, build_tiny
 from gain_cli.errors import GainError, unknown_choice
-from gain_cli.io import atomic_write_text, atomic_write_with
+from gain_cli.io import atomic_write_with
 
 SOURCES = ("tiny", "demo", "files", "hub")
 SPLITS = ("train", "validation")
@@ -36,32 +38,6 @@ class Domain:
 
     def path(self, split: str) -> Path:
         return self.train if split == "train" else self.validation
-
-
-def write_documents(path: Path, docs: Iterable[str]) -> None:
-    atomic_write_text(path, "".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs))
-
-
-def read_documents(path: Path) -> list[str]:
-    docs = []
-    try:
-        with open(path, "rb") as f:
-            for i, raw in enumerate(f, 1):
-                line = raw.decode("utf-8")
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                    docs.append(obj["text"])
-                except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                    raise GainError(f"{path}:{i}: expected a JSON object with a 'text' field "
-                                    f"({type(exc).__name__})") from exc
-    except UnicodeDecodeError as exc:
-        raise GainError(f"{path}:{i}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at column {exc.start + 1}); "
-                        "domain files are UTF-8 JSON lines") from exc
-    except OSError as exc:
-        raise GainError(f"cannot read domain file {path}: {exc.strerror or exc}") from exc
-    return docs
 
 
 def domain_files(root: Path, name: str) -> Domain:
@@ -83,8 +59,6 @@ def ensure_domains(domains_cfg: Mapping[str, Any], cache_dir: str | Path, log=pr
     domains = [domain_files(root, d) for d in sequence]
     missing = [d for d in domains if not (d.train.is_file() and d.validation.is_file())]
     if source == "tiny":
-        from gain_cli.data.tiny import GENERATORS, build_tiny
-
         unknown = [d for d in sequence if d not in GENERATORS]
         if unknown:
             raise unknown_choice("domain", unknown[0], GENERATORS)
@@ -92,11 +66,7 @@ def ensure_domains(domains_cfg: Mapping[str, Any], cache_dir: str | Path, log=pr
             log(f"generating {len(missing)} tiny domain(s) in {root} (once; later runs reuse them)")
             build_tiny(root, [d.name for d in missing])
     elif source == "demo":
-        from gain_cli.data.demo import is_complete
-
         if not is_complete(root):
-            from gain_cli.data.demo import DEMO_DOMAINS, build_demo
-
             unknown = [d for d in sequence if d not in DEMO_DOMAINS]
             if unknown:
                 raise unknown_choice("domain", unknown[0], DEMO_DOMAINS)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+from gain_cli.data.documents import write_documents
+
 _WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 _MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
            "October", "November", "December"]
@@ -116,7 +118,6 @@ def build_tiny(root, domains: list[str], train_docs: int = 240, validation_docs:
     """Write `<root>/<domain>/{train,validation}.jsonl` for the requested tiny domains."""
     from pathlib import Path
 
-    from gain_cli.data.domains import write_documents
     from gain_cli.errors import unknown_choice
 
     root = Path(root)

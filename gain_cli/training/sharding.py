@@ -56,7 +56,7 @@ def process_group_timeout() -> timedelta | None:
 def requested_sharding(cfg) -> str:
     """``none``, ``fsdp``, ``zero3`` or ``auto`` from ``train.sharding``, the launcher's Accelerate config or the
     environment."""
-    from gain_cli.memory import sharding_of
+    from gain_cli.accelerate_configs import sharding_of
 
     value = str((cfg.get("train") or {}).get("sharding", "none") or "none")
     if value not in SHARDINGS:
