@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from gain_cli import interrupts
 from gain_cli.errors import GainError
 
 app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
@@ -41,7 +42,9 @@ def user_errors(fn):
                 raise
             err_console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
+        except BaseException as exc:  # Ctrl-C, even where a library turned it into another error on its way up
+            if isinstance(exc, (typer.Exit, SystemExit)) or not interrupts.received(exc):
+                raise
             err_console.print("interrupted: finished stages are saved; continue with the same command and resume=true")
             raise typer.Exit(130) from None
 
@@ -332,7 +335,7 @@ def eval_(
         table.add_column(col, justify="right" if col != "domain" else "left")
     from gain_cli.models.compiling import decide_compile
 
-    # one sweep: auto stays eager (a compile pays for itself only over many sweeps: README Performance)
+    # one sweep: auto stays eager (a compile pays for itself only over many sweeps: docs/performance.md)
     compiled = decide_compile(cfg.eval.get("compile", False), "eval.compile", None, 1, next(model.parameters()).device,
                               refused="gain eval runs one sweep").enabled
     t0 = time.perf_counter()
@@ -368,12 +371,8 @@ def _print_harness(model, tokenizer, harness_cfg, label: str) -> None:
 
 
 def _model_for_eval(overrides: list[str], run_dir: Path | None, stage: int | None):
-    from omegaconf import OmegaConf
-
-    from gain_cli.methods import build_method
-    from gain_cli.models.loading import load_model, model_spec
-    from gain_cli.reporting.matrices import check_finished_stage
-    from gain_cli.runner import apply_saved_stages, finished_stages
+    from gain_cli.models.loading import load_model
+    from gain_cli.rundir import RunDir
 
     if run_dir is None:
         from gain_cli.preflight import check_eval
@@ -383,7 +382,8 @@ def _model_for_eval(overrides: list[str], run_dir: Path | None, stage: int | Non
         model, tok = load_model(cfg.model, cfg.cache_dir)
         saved_dir = cfg.model.get("path") if cfg.model.name == "local" else None  # e.g. written by `gain merge`
         return cfg, model, tok, str(saved_dir) if saved_dir else f"{cfg.model.name} (no adaptation)"
-    cfg = _run_config(run_dir)
+    rd = RunDir(run_dir)
+    cfg = rd.require_run()
     total = len(cfg.domains.sequence)  # the run's stages (an override below may evaluate other domains)
     if overrides:
         from gain_cli.config import compose_config
@@ -392,22 +392,11 @@ def _model_for_eval(overrides: list[str], run_dir: Path | None, stage: int | Non
         for key in ("domains", "eval"):
             if any(o.startswith(key) for o in overrides):
                 cfg[key] = extra[key]
-    done = finished_stages(run_dir)
+    done = rd.finished_stages()
     k = done[-1] if stage is None and done else (stage or 0)
-    check_finished_stage(run_dir, k, total, done, base=True)
-    model, tok = load_model(cfg.model, cfg.cache_dir)
-    method = build_method(OmegaConf.to_container(cfg.method), model_spec(cfg.model, model.config.model_type))
-    model = apply_saved_stages(model, method, run_dir, k)
+    rd.check_stage(k, total, done, base=True)
+    model, tok, _ = rd.model_after(cfg, k)
     return cfg, model, tok, f"{run_dir.name} after stage {k}"
-
-
-def _run_config(run_dir: Path):
-    from omegaconf import OmegaConf
-
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise GainError(f"{run_dir} is not a gain run directory (no config.yaml)")
-    return OmegaConf.load(path)
 
 
 # --- merge ----------------------------------------------------------------------------------
@@ -635,6 +624,7 @@ def main() -> None:
     from gain_cli.threads import apply_at_start
 
     apply_at_start()  # the OpenMP wait policy from the machine's load: before anything imports torch
+    interrupts.install()
     app(prog_name="gain")
 
 

@@ -12,6 +12,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from gain_cli.rundir import RunDir
+
 DEMO_RECIPE = "smollm2_8domains"
 DEMO_METHODS = ("gain_ffn", "lora")
 
@@ -29,7 +31,7 @@ def run_demo(console, methods: Sequence[str] = DEMO_METHODS, overrides: Sequence
     for m in methods:  # every run composed and checked before the first one starts
         rd = Path(output_root) / "demo" / m
         cfg = compose_config([f"method={m}", f"run_dir={rd}", "resume=true", *overrides], DEMO_RECIPE)
-        if not (rd / "config.yaml").is_file():
+        if not RunDir(rd).holds_run():
             cfg.resume = False
         check_run(cfg)
         configs.append(cfg)

@@ -151,7 +151,7 @@ def gain_adapter(method, states: list[dict[str, torch.Tensor]]):
     tensors = {f"{PREFIX}{k[:-len('.gain')]}.ia3_l": v.reshape(1, -1) for k, v in vectors.items()}
     paths = module_paths(method.cfg.get("modules"), method.spec)
     config = IA3Config(target_modules=list(paths), feedforward_modules=list(paths),
-                       fan_in_fan_out=method.spec.model_type == "gpt2", task_type="CAUSAL_LM")
+                       fan_in_fan_out=method.spec.transposed_weights, task_type="CAUSAL_LM")
     return config, tensors, f"(IA)³ (GAIN as feedforward modules: {', '.join(paths)})"
 
 
@@ -218,19 +218,19 @@ def export_run(run_dir: str | Path, out: str | Path, last: int, first: int | Non
     from gain_cli.methods import build_method
     from gain_cli.models.loading import model_spec
     from gain_cli.outputs import claim_output_dir, write_output_dir
-    from gain_cli.reporting.matrices import check_finished_stage, open_finished_run
-    from gain_cli.runner import load_stage_state
+    from gain_cli.rundir import RunDir
 
     if fmt not in FORMATS:
         raise unknown_choice("--format", fmt, FORMATS)
     run_dir = Path(run_dir)
-    cfg, done, total = open_finished_run(run_dir, "export")
+    rd = RunDir(run_dir)
+    cfg, done, total = rd.require_finished("export")
     first = last if first is None else int(first)
     if first != last and not 1 <= first <= last <= total:
         raise GainError(f"--stages {first}..{last}: stages are numbered 1..{total} "
                         f"(finished: {', '.join(map(str, done))})")
     for k in (first, last):
-        check_finished_stage(run_dir, k, total, done)
+        rd.check_stage(k, total, done)
     method = build_method(OmegaConf.to_container(cfg.method), model_spec(cfg.model, _model_type(cfg.model, run_dir)))
     kind, adapter_method = adapter_kind(method)
     stages = list(range(first, last + 1))
@@ -240,7 +240,7 @@ def export_run(run_dir: str | Path, out: str | Path, last: int, first: int | Non
             raise GainError(f"--stages {first}..{last}: {run_dir} is a drift run, whose state at segment K is the "
                             "whole run up to K, on the pretrained model: export --stage K or --stages 1..K")
         first, stages = 1, list(range(1, last + 1))
-    states = [load_stage_state(run_dir, k) for k in (stages[-1:] if drift else stages)]
+    states = [rd.load_state(k) for k in (stages[-1:] if drift else stages)]
     _same_keys(states, stages)
     config, tensors, what = BUILDERS[kind](adapter_method, states)
     base_id, base_note = base_model_id(cfg)

@@ -1,16 +1,6 @@
 """The sequential-domain experiment: base evaluation, then train → save → carry → evaluate per stage.
 
-Run directory layout::
-
-    config.yaml            resolved config           run_info.json   versions, commit, hash, status
-    ppl_matrix.{csv,json}  rows = base + stages, columns = domains (training order)
-    harness_matrix.{csv,json}   lm-eval accuracies per row (when eval.harness.enabled)
-    train_log.jsonl        step logs                  report/         per-run report
-    base/metrics.json      row 0
-    stages/stage_K/method_state.safetensors   the method's trained state of stage K
-    stages/stage_K/metrics.json               training stats + row K (written last: marks K as finished)
-
-Every file is written atomically. A stage counts as finished once its metrics.json exists; with
+The run directory and its layout: ``gain_cli.rundir.RunDir``. Every file is written atomically. A stage counts as finished once its metrics.json exists; with
 ``resume=true`` the finished stages are rebuilt from their saved states (no retraining) and the
 run continues after the last one. Stage K's data order and initialisation depend only on
 (seed, K), so a resumed run gives the same matrices as an uninterrupted one.
@@ -24,9 +14,7 @@ import platform
 import random
 import socket
 import subprocess
-import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -35,18 +23,16 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from gain_cli import faults
+from gain_cli import faults, interrupts
 from gain_cli.config import config_differences, config_hash, to_yaml
 from gain_cli.errors import GainError
 from gain_cli.io import atomic_save_safetensors, atomic_write_json, atomic_write_text, read_json
 from gain_cli.progress import Phase, RunClock
-from gain_cli.reporting.matrices import (collect_rows, finished_stages, row_stage,  # noqa: F401  (the run's rows)
-                                         stage_label)
-from gain_cli.training.drift import is_drift, run_is_drift
+from gain_cli.reporting.matrices import row_stage, stage_label
+from gain_cli.rundir import STATE_FILE, TRAIN_FILE, RunDir, saved_stages_to_apply
+from gain_cli.training.drift import is_drift
 from gain_cli.training.sharding import sharding_mode
 
-STATE_FILE = "method_state.safetensors"
-TRAIN_FILE = "train.json"  # what training a stage reported, saved with its state
 
 
 # --- run directory ---------------------------------------------------------------------------
@@ -58,58 +44,11 @@ def resolve_run_dir(cfg: DictConfig) -> Path:
     if cfg.get("run_name"):
         return (parent / str(cfg.run_name)).resolve()  # a plain name (config._check_choices)
     if cfg.get("resume"):
-        runs = sorted((p for p in parent.glob("*") if (p / "run_info.json").is_file()), key=lambda p: p.stat().st_mtime)
+        runs = sorted((p for p in parent.glob("*") if RunDir(p).info_path.is_file()), key=lambda p: p.stat().st_mtime)
         if not runs:
             raise GainError(f"resume=true but there is no earlier run under {parent} (give run_dir=PATH)")
         return runs[-1].resolve()
     return (parent / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-@contextmanager
-def run_lock(run_dir: Path, acc=None):
-    """Refuse a second run on the same run directory (unless the first one is dead).
-
-    Under several processes the main process takes the lock and a refusal stops every process (not only the
-    main one, which would leave the others waiting for it forever).
-    """
-    lock = run_dir / ".lock"
-    me = {"pid": os.getpid(), "host": socket.gethostname(), "started": datetime.now().isoformat(timespec="seconds")}
-
-    def acquire() -> None:
-        if lock.exists():
-            try:
-                other = json.loads(lock.read_text())
-            except (OSError, ValueError):
-                other = {}
-            if other.get("host") == me["host"] and other.get("pid") and other["pid"] != me["pid"] \
-                    and _pid_alive(int(other["pid"])):
-                raise GainError(f"run directory {run_dir} is in use by process {other['pid']} on {other['host']} "
-                                f"(since {other.get('started')}); wait for it or choose another run_dir")
-            if other.get("host") not in (None, me["host"]):
-                raise GainError(f"run directory {run_dir} is locked by {other.get('host')} (pid {other.get('pid')}); "
-                                f"if that run is dead, delete {lock}")
-        atomic_write_json(lock, me)
-
-    is_main = acc is None or acc.is_main_process
-    if acc is None:
-        acquire()
-    else:
-        on_main_shared(acc, acquire)
-    try:
-        yield
-    finally:
-        if is_main:
-            lock.unlink(missing_ok=True)
 
 
 def _git_commit() -> str | None:
@@ -144,7 +83,7 @@ def seed_everything(seed: int) -> None:
 def write_matrices(run_dir: Path, domains: list[str]) -> None:
     from gain_cli.reporting.matrices import write_matrix
 
-    rows = collect_rows(run_dir)
+    rows = RunDir(run_dir).rows()
     if not rows:
         return
     labels = [r["row"] for r in rows]
@@ -188,6 +127,7 @@ class Experiment:
         from gain_cli.training.accelerator import make_accelerator
 
         self.cfg, self.run_dir, self.console = cfg, run_dir, console
+        self.rd = RunDir(run_dir)  # its layout
         self.drift = is_drift(cfg)  # train.domain_schedule=drift: one continuous run (gain_cli.training.drift)
         self.drift_trainer = None  # its trainer, made when its first segment is needed
         self.accelerator = accelerator if accelerator is not None else make_accelerator(cfg)
@@ -235,10 +175,11 @@ class Experiment:
         the main process (``clock.guess``), the same on every process; log every decision."""
         from gain_cli.models.compiling import decide_compile
 
-        cfg, device = self.cfg, self.accelerator.device
-        from gain_cli.architectures import decoder_layers
+        from gain_cli.architectures import num_layers
+        from gain_cli.training.sharding import hf_model
 
-        layers = len(decoder_layers(self.model, self.spec))
+        cfg, device = self.cfg, self.accelerator.device
+        layers = num_layers(hf_model(self.model).config, self.spec)  # the config: a PEFT or FSDP wrapper hides module paths
         refused = {"train": "train.sharding=zero3 trains eager (DeepSpeed's hooks)" if self.sharding == "zero3" else None,
                    "eval": "sharded evaluation runs eager" if self.sharded else None}
 
@@ -394,19 +335,18 @@ class Experiment:
 
     def row_dir(self, row: str) -> Path:
         """Where a row's files go: ``base/`` for row 0, ``stages/stage_K/`` for ``stage_K:<domain>``."""
-        k = row_stage(row)
-        return self.run_dir / "base" if k == 0 else self.stage_dir(k)
+        return self.rd.row_dir(row_stage(row))
 
     # -- stages --
     def stage_dir(self, k: int) -> Path:
-        return stage_dir(self.run_dir, k)
+        return self.rd.stage_dir(k)
 
     def rebuild(self, upto: int) -> None:
         """Re-apply the saved states of stages 1..upto to the base model (no training)."""
         if self.drift:  # the one run continues from its checkpoint when the next segment needs it (_drift)
             return
         if not self.sharded:
-            self.model = apply_saved_stages(self.model, self.method, self.run_dir, upto, self.accelerator.device)
+            self.model = self.rd.apply_saved_stages(self.model, self.method, upto, self.accelerator.device)
             return
         for k in saved_stages_to_apply(self.method, upto):
             self.apply_trained_stage(k)
@@ -463,7 +403,7 @@ class Experiment:
     # -- the training log (train_log.jsonl), staged and drift runs alike --
     @property
     def train_log(self) -> Path:
-        return self.run_dir / "train_log.jsonl"
+        return self.rd.train_log_path
 
     def log_train(self, rec: dict) -> None:
         """One training record: appended to the log (main process) and handed to the trackers."""
@@ -557,10 +497,10 @@ class Experiment:
             self._drift(k, trained=True)
             return
         if not self.sharded:
-            self.model = apply_stage(self.model, self.method, self.run_dir, k, self.accelerator.device)
+            self.model = self.rd.apply_stage(self.model, self.method, k, self.accelerator.device)
             return
         self.method.open_sharded_stage(self.model)  # the same calls as a stage, with the saved state for training
-        self.method.load_state_dict(self.model, load_stage_state(self.run_dir, k, self.accelerator.device))
+        self.method.load_state_dict(self.model, self.rd.load_state(k, self.accelerator.device))
         self.method.close_sharded_stage(self.model)
         self.model.eval()
 
@@ -572,46 +512,6 @@ def _parses_to(line: str, test: Callable[[dict], bool]) -> bool:
     except ValueError:
         return False
     return bool(test(rec))
-
-
-def stage_dir(run_dir: Path, k: int) -> Path:
-    return run_dir / "stages" / f"stage_{k}"
-
-
-def load_stage_state(run_dir: Path, k: int, device="cpu") -> dict[str, torch.Tensor]:
-    """Stage k's saved method state (full tensors)."""
-    from safetensors.torch import load_file
-
-    path = stage_dir(run_dir, k) / STATE_FILE
-    if not path.is_file():
-        raise GainError(f"stage {k} has no saved state ({path} is missing)")
-    device = torch.device(device)
-    # safetensors names devices its own way: "cpu" (it refuses the "cpu:0" Accelerate gives each process of a
-    # multi-CPU run) or "cuda:N"
-    return load_file(str(path), device="cpu" if device.type == "cpu" else str(device))
-
-
-def apply_stage(model, method, run_dir: Path, k: int, device="cpu"):
-    """Apply stage k's saved state: attach, load, carry forward (merge)."""
-    state = load_stage_state(run_dir, k, device)
-    model = method.attach(model)
-    method.load_state_dict(model, state)
-    return method.finish_stage(model).eval()
-
-
-def apply_saved_stages(model, method, run_dir: Path, upto: int, device="cpu"):
-    """Rebuild the model after stage ``upto`` from the base model and the saved stage states."""
-    for k in saved_stages_to_apply(method, upto, cumulative=run_is_drift(run_dir)):
-        model = apply_stage(model, method, run_dir, k, device)
-    return model.eval()
-
-
-def saved_stages_to_apply(method, upto: int, cumulative: bool = False) -> list[int]:
-    """The saved stages that rebuild the model after stage ``upto``: all of them, or only the last one for a method
-    whose saved state is cumulative (it holds every stage so far), as every state of a drift run is
-    (``cumulative``: the whole state of the one run at step upto·S, on the pretrained model)."""
-    ks = list(range(1, upto + 1))
-    return ks[-1:] if cumulative or method.cumulative_state else ks
 
 
 def run_info(cfg: DictConfig, accelerator, status: str, started: str | None = None,
@@ -637,7 +537,7 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise GainError(f"run directory {run_dir} is a file, not a directory (choose another run_dir/run_name)")
     check_creatable(run_dir, f"run directory {run_dir}", " (choose another run_dir or output_root)")
-    saved = run_dir / "config.yaml"
+    saved = RunDir(run_dir).config_path
     if saved.is_file():
         if not cfg.get("resume"):
             raise GainError(f"run directory {run_dir} already holds a run; pass resume=true to continue it "
@@ -672,7 +572,7 @@ def on_main_shared(acc, fn: Callable[[], Any]) -> Any:
 
 def check_same_processes(cfg: DictConfig, run_dir: Path, num_processes: int) -> None:
     """A resumed run keeps its number of processes (the global batch depends on it)."""
-    info = run_dir / "run_info.json"
+    info = RunDir(run_dir).info_path
     if cfg.get("resume") and info.is_file():
         before = int(read_json(info).get("num_processes", 1))
         if before != num_processes:
@@ -702,17 +602,15 @@ def run_experiment(cfg: DictConfig, console=None, on_event: Callable[[str, dict]
     # was refused while the experiment loaded them, and left nothing behind
     on_main_shared(acc, lambda: run_dir.mkdir(parents=True, exist_ok=True))
     emit = on_event or (lambda *_: None)
-    with run_lock(run_dir, acc):
+    rd = exp.rd
+    with rd.lock(lambda fn: on_main_shared(acc, fn), acc.is_main_process):
         if exp.is_main:  # temp files of a killed writer: never read, removed under the lock
             for stale in run_dir.rglob(".*.tmp"):
                 stale.unlink(missing_ok=True)
-        started = None
-        if (run_dir / "run_info.json").is_file():
-            started = read_json(run_dir / "run_info.json").get("started")
-        started = started or datetime.now().isoformat(timespec="seconds")  # kept by every later write
+        started = rd.info().get("started") or datetime.now().isoformat(timespec="seconds")  # kept by every write
         if exp.is_main:
-            atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
-            atomic_write_json(run_dir / "run_info.json", run_info(cfg, acc, "running", started, exp))
+            atomic_write_text(rd.config_path, to_yaml(cfg))
+            atomic_write_json(rd.info_path, run_info(cfg, acc, "running", started, exp))
         from gain_cli.training.trackers import Trackers
 
         exp.trackers = Trackers(acc, cfg, run_dir)
@@ -720,15 +618,15 @@ def run_experiment(cfg: DictConfig, console=None, on_event: Callable[[str, dict]
             _run_rows(exp, cfg, console, emit)
         except BaseException as e:  # the run stops here: run_info.json says so (a SIGKILL leaves "running")
             if exp.is_main:
-                status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+                status = "interrupted" if interrupts.received(e) else "failed"
                 info = {**run_info(cfg, acc, status, started, exp), **({"error": str(e)} if status == "failed" else {})}
-                atomic_write_json(run_dir / "run_info.json", info)
+                atomic_write_json(rd.info_path, info)
                 exp.write_timing(status)
             raise
         finally:
             exp.trackers.close()
         if exp.is_main:
-            atomic_write_json(run_dir / "run_info.json", run_info(cfg, acc, "complete", started, exp))
+            atomic_write_json(rd.info_path, run_info(cfg, acc, "complete", started, exp))
             _write_run_report(run_dir, exp)
             exp.write_timing()
     return run_dir
@@ -738,7 +636,7 @@ def _run_rows(exp: Experiment, cfg: DictConfig, console, emit: Callable) -> None
     """Every row of the matrices not written yet: the base model's, then each stage's (train, evaluate)."""
     run_dir, acc = exp.run_dir, exp.accelerator
     # decided by the main process (other machines may not see the run directory)
-    done, base_done = on_main_shared(acc, lambda: (finished_stages(run_dir), (run_dir / "base" / "metrics.json").is_file()))
+    done, base_done = on_main_shared(acc, lambda: (exp.rd.finished_stages(), exp.rd.base_done()))
     if (exp.is_main or exp.sharded) and len(done) < len(exp.domains):  # sharded: its forwards need every process
         exp.say(estimate_runtime(exp, len(exp.domains) - len(done), base_missing=not base_done))
     exp.plan_compile(len(exp.domains) - len(done), len(exp.domains) - len(done) + int(not base_done))
@@ -762,7 +660,7 @@ def _run_rows(exp: Experiment, cfg: DictConfig, console, emit: Callable) -> None
             exp.say("evaluating the base model on every domain (row 0)")
             row = {**exp.evaluate("base"), "base_key": base_row_key(cfg)}
         if exp.is_main:
-            atomic_write_json(run_dir / "base" / "metrics.json", row)
+            atomic_write_json(exp.rd.metrics_path(0), row)
             write_matrices(run_dir, exp.domains)
         exp.trackers.row(0, row)
         row_finished()
@@ -787,7 +685,7 @@ def _run_rows(exp: Experiment, cfg: DictConfig, console, emit: Callable) -> None
         row = exp.evaluate(stage_label(k, domain))
         metrics = {**info, **row}
         if exp.is_main:
-            atomic_write_json(exp.stage_dir(k) / "metrics.json", metrics)
+            atomic_write_json(exp.rd.metrics_path(k), metrics)
             write_matrices(run_dir, exp.domains)
             exp.say(f"stage {k}/{len(exp.domains)} {domain}: own-domain PPL {row['ppl'][domain]:.3f}, "
                     f"loss {info['train']['first_loss']:.3f} → {info['train']['final_loss']:.3f}, "
@@ -813,7 +711,7 @@ def shared_base_row(cfg: DictConfig) -> dict[str, Any] | None:
         return None
     path = Path(os.path.expanduser(str(src)))
     if path.is_dir():
-        path = path / "base" / "metrics.json"
+        path = RunDir(path).metrics_path(0)
     if not path.is_file():
         return None
     row = read_json(path)

@@ -29,6 +29,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from gain_cli.errors import GainError, unknown_choice
+from gain_cli.rundir import STATE_FILE, TRAIN_FILE, RunDir
 
 SIZES = {"default": "smollm2_study", "tiny": "tiny_study"}
 SWEEPS = ("lr-select", "lora-lr")
@@ -160,10 +161,7 @@ def plan_runs(spec: StudySpec, root: Path, sweep: str | None, overrides: Sequenc
 
 
 def _complete(run_dir: Path) -> bool:
-    from gain_cli.io import read_json
-
-    info = run_dir / "run_info.json"
-    return info.is_file() and read_json(info).get("status") == "complete"
+    return RunDir(run_dir).info().get("status") == "complete"
 
 
 class StudyProgress:
@@ -190,12 +188,11 @@ class StudyProgress:
 
 def _rows_total(runs: Sequence[StudyRun]) -> tuple[int, int]:
     """(rows the study computes in all, rows already on disk): base rows + one per stage."""
-    from gain_cli.reporting.matrices import finished_stages
 
     total = done = 0
     for r in runs:  # a row 0 taken from another run counts too (it takes no time)
         total += len(r.cfg.domains.sequence) + 1
-        done += len(finished_stages(r.run_dir)) + int((r.run_dir / "base" / "metrics.json").is_file())
+        done += len(RunDir(r.run_dir).finished_stages()) + int(RunDir(r.run_dir).base_done())
     return total, done
 
 
@@ -205,13 +202,12 @@ def reuse_selected_stage(r: StudyRun, root: Path) -> bool:
     only evaluates it on every domain). True when a state was taken."""
     import shutil
 
-    from gain_cli.runner import STATE_FILE, TRAIN_FILE, stage_dir
 
-    src = stage_dir(root / "lr_select" / r.method / _lr_tag(r.lr), 1)
-    dst = stage_dir(r.run_dir, 1)
+    src = RunDir(root / "lr_select" / r.method / _lr_tag(r.lr)).stage_dir(1)
+    dst = RunDir(r.run_dir).stage_dir(1)
     if r.seed != 0 or not (src / STATE_FILE).is_file() or not (src / TRAIN_FILE).is_file() or (dst / STATE_FILE).exists():
         return False
-    if (r.run_dir / "config.yaml").is_file():  # a run already started trains its own stages
+    if RunDir(r.run_dir).holds_run():  # a run already started trains its own stages
         return False
     dst.mkdir(parents=True, exist_ok=True)
     for name in (STATE_FILE, TRAIN_FILE):
@@ -237,7 +233,7 @@ def run_study(console, size: str = "default", sweep: str | None = None, override
     runs = plan_runs(spec, root, sweep, overrides, str(base_cfg.domains.sequence[0]))
     for r in runs:  # every run composed and checked before the first one starts
         r.cfg = compose_config([*r.overrides, "resume=true"], recipe)
-        if not (r.run_dir / "config.yaml").is_file():
+        if not RunDir(r.run_dir).holds_run():
             r.cfg.resume = False
         check_run(r.cfg)
     total, done = _rows_total(runs)

@@ -147,14 +147,14 @@ def test_a_drift_row_is_rebuilt_from_its_one_saved_state(runs):
     from gain_cli.evaluation.perplexity import evaluate_blocks
     from gain_cli.methods import build_method
     from gain_cli.models.loading import load_model, model_spec
-    from gain_cli.runner import apply_saved_stages, saved_stages_to_apply
+    from gain_cli.rundir import RunDir, saved_stages_to_apply
 
     rd = runs("lora", "drift")
     cfg = OmegaConf.load(rd / "config.yaml")
     model, tok = load_model(cfg.model, cfg.cache_dir)
     method = build_method(OmegaConf.to_container(cfg.method), model_spec(cfg.model, model.config.model_type))
     assert saved_stages_to_apply(method, 2) == [1, 2] and saved_stages_to_apply(method, 2, cumulative=True) == [2]
-    model = method.merge(apply_saved_stages(model, method, rd, 2)).eval()
+    model = method.merge(RunDir(rd).apply_saved_stages(model, method, 2)).eval()
     data = DomainData(ensure_domains(cfg.domains, cfg.cache_dir), tok, cfg.cache_dir)
     row = _matrix(rd)["values"][2]
     for d, want in zip(["dna", "code", "chess"], row):

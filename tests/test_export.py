@@ -56,14 +56,14 @@ def gain_model(rd, after: int):
     """gain's own model after stage ``after`` (0: the base model), merged into plain weights."""
     from gain_cli.methods import build_method
     from gain_cli.models.loading import load_model, model_spec
-    from gain_cli.runner import apply_saved_stages
+    from gain_cli.rundir import RunDir
 
     cfg = OmegaConf.load(rd / "config.yaml")
     model, _ = load_model(cfg.model, cfg.cache_dir)
     if after == 0:
         return model.eval()
     method = build_method(OmegaConf.to_container(cfg.method), model_spec(cfg.model, model.config.model_type))
-    return method.merge(apply_saved_stages(model, method, rd, after)).eval()
+    return method.merge(RunDir(rd).apply_saved_stages(model, method, after)).eval()
 
 
 def logits(model):

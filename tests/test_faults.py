@@ -417,3 +417,40 @@ def test_a_model_conversion_or_merge_leaves_files_at_the_umask(tmp_path):
     os.chmod(d / "model.safetensors", 0o600)
     apply_umask(d)
     assert {oct(f.stat().st_mode & 0o777) for f in d.iterdir()} == {oct(_FILE_MODE)}
+
+
+def test_ctrl_c_turned_into_another_error_by_a_library_still_reads_as_interrupted(monkeypatch):
+    """transformers' lazy imports re-raise an interrupt inside an import as ModuleNotFoundError (seen in CI)."""
+    import typer
+
+    from gain_cli import interrupts
+    from gain_cli.cli import user_errors
+
+    monkeypatch.setattr(interrupts, "_received", False)
+    before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        interrupts.install()
+
+        @user_errors
+        def command():
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)  # the handler raises before this ends
+            except KeyboardInterrupt:
+                raise ModuleNotFoundError("Could not import module 'get_scheduler'") from None
+
+        with pytest.raises(typer.Exit) as exit_:
+            command()
+        assert exit_.value.exit_code == 130
+
+        monkeypatch.setattr(interrupts, "_received", False)  # without a Ctrl-C the same error stays an error
+
+        @user_errors
+        def broken():
+            raise ModuleNotFoundError("no module")
+
+        with pytest.raises(ModuleNotFoundError):
+            broken()
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from gain_cli.errors import GainError
+from gain_cli.rundir import RunDir
 
 
 @dataclass
@@ -36,17 +37,14 @@ def open_run(run_dir: str | Path) -> OpenRun:
     from gain_cli.data.domains import DomainData, ensure_domains
     from gain_cli.methods import build_method
     from gain_cli.models.loading import load_model, model_spec
-    from gain_cli.runner import finished_stages
-
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
-        raise GainError(f"{run_dir} is not a gain run directory (no config.yaml)")
-    cfg = OmegaConf.load(run_dir / "config.yaml")
+    rd = RunDir(run_dir)
+    cfg = rd.require_run()
     model, tok = load_model(cfg.model, cfg.cache_dir)
     method = build_method(OmegaConf.to_container(cfg.method), model_spec(cfg.model, model.config.model_type))
     domains = ensure_domains(cfg.domains, cfg.cache_dir)
     return OpenRun(run_dir, cfg, model, tok, method, DomainData(domains, tok, cfg.cache_dir),
-                   [d.name for d in domains], finished_stages(run_dir))
+                   [d.name for d in domains], rd.finished_stages())
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
@@ -55,26 +53,23 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 
 def weights_after(run: OpenRun, stages: list[int]) -> dict[int, dict[str, torch.Tensor]]:
     """Floating-point weights of the base model (key 0) and after each requested stage (merged)."""
-    from gain_cli.runner import apply_stage
-
     if not run.method.mergeable:
         raise GainError(f"method '{run.method.name}' does not merge into plain weights; this analysis needs weights")
     missing = [k for k in stages if k and k not in run.finished]
     if missing:
         raise GainError(f"stage {missing[0]} of {run.run_dir} is not finished (finished: {run.finished})")
-    from gain_cli.training.drift import run_is_drift
-
+    rd = RunDir(run.run_dir)
     out = {0: snapshot(run.model)}
     model = run.model
-    if run_is_drift(run.run_dir):  # each saved state is the whole run up to its segment, on the pretrained model
+    if rd.is_drift():  # each saved state is the whole run up to its segment, on the pretrained model
         for k in sorted(k for k in stages if k):
             load_weights(model, out[0])
-            model = apply_stage(model, run.method, run.run_dir, k)
+            model = rd.apply_stage(model, run.method, k)
             out[k] = snapshot(model)
         run.model = model
         return out
     for k in range(1, max(stages, default=0) + 1):
-        model = apply_stage(model, run.method, run.run_dir, k)  # full_ft: the stage's state is all weights
+        model = rd.apply_stage(model, run.method, k)  # full_ft: the stage's state is all weights
         if k in stages:
             out[k] = snapshot(model)
     run.model = model

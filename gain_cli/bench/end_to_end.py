@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from gain_cli.errors import GainError
-from gain_cli.reporting.timing import PHASES, TIMING_FILE, read_timing, time_shares
+from gain_cli.reporting.timing import PHASES, read_timing, time_shares
+from gain_cli.rundir import TIMING_FILE
 
 PEAK_MIN_TOKENS = 2048
 

@@ -33,9 +33,8 @@ import numpy as np
 
 from gain_cli.errors import GainError
 from gain_cli.io import atomic_write_csv, atomic_write_json
+from gain_cli.rundir import HARNESS_MATRIX, RunDir
 
-PPL_MATRIX = "ppl_matrix"
-HARNESS_MATRIX = "harness_matrix"
 HARNESS_METRICS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")  # lm-eval's names; one matrix each
 
 
@@ -191,7 +190,7 @@ class RunResult:
         or None when the run did not keep them (made before they were kept)."""
         from gain_cli.reporting.uncertainty import run_samples
 
-        rows = collect_rows(self.path)[: len(self.rows)]
+        rows = RunDir(self.path).rows()[: len(self.rows)]
         try:
             return run_samples(rows, self.domains) if len(rows) == len(self.rows) else None
         except GainError:
@@ -203,56 +202,6 @@ class RunResult:
         from gain_cli.reporting.metrics import compute_metrics
 
         return compute_metrics(self.ppl, self.domains, self.harness)
-
-
-def finished_stages(run_dir: Path) -> list[int]:
-    """Stages 1..K whose ``stages/stage_K/metrics.json`` exists (a stage counts as finished once it is written)."""
-    out = []
-    k = 1
-    while (Path(run_dir) / "stages" / f"stage_{k}" / "metrics.json").is_file():
-        out.append(k)
-        k += 1
-    return out
-
-
-def open_finished_run(run_dir: str | os.PathLike, what: str):
-    """(saved config, finished stages, number of stages) of a run directory that has a finished stage, for the
-    commands that read one (``gain merge``, ``gain export``; ``what`` names the action in the message)."""
-    from omegaconf import OmegaConf
-
-    run_dir = Path(run_dir)
-    if run_dir.is_file():
-        raise GainError(f"{run_dir} is a file, not a run directory")
-    if not (run_dir / "config.yaml").is_file():
-        raise GainError(f"{run_dir} is not a gain run directory (no config.yaml)")
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    done = finished_stages(run_dir)
-    if not done:
-        raise GainError(f"{run_dir} has no finished stage to {what}")
-    return cfg, done, len(cfg.domains.sequence)
-
-
-def check_finished_stage(run_dir: Path, k: int, total: int, done: list[int], base: bool = False) -> None:
-    """One line unless stage ``k`` of the run (stages 1..``total``; 0 too with ``base``) is finished (``done``)."""
-    finished = ", ".join(map(str, done)) or "none"
-    if not (0 if base else 1) <= k <= total:
-        raise GainError(f"--stage {k}: stages are numbered 1..{total} ({'0: the base model; ' if base else ''}"
-                        f"finished: {finished})")
-    if k and k not in done:
-        raise GainError(f"stage {k} of {run_dir} is not finished (finished: {finished})")
-
-
-def collect_rows(run_dir: Path) -> list[dict[str, Any]]:
-    """Row 0 (base) and the rows of the finished stages, in order (each row's whole ``metrics.json``)."""
-    from gain_cli.io import read_json
-
-    run_dir = Path(run_dir)
-    rows = []
-    base = run_dir / "base" / "metrics.json"
-    if base.is_file():
-        rows.append(read_json(base))
-    rows += [read_json(run_dir / "stages" / f"stage_{k}" / "metrics.json") for k in finished_stages(run_dir)]
-    return rows
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:
@@ -296,7 +245,7 @@ def load_run(run_dir: str | os.PathLike) -> RunResult:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise GainError(f"run directory {run_dir} does not exist")
-    ppl_path = run_dir / f"{PPL_MATRIX}.json"
+    ppl_path = RunDir(run_dir).matrix_path()
     if not ppl_path.is_file():
         raise GainError(f"{ppl_path} not found: {run_dir} is not a gain run directory, "
                         "or its base-model evaluation has not finished yet")
@@ -304,7 +253,7 @@ def load_run(run_dir: str | os.PathLike) -> RunResult:
     _check_row_labels(mat.rows, mat.columns, ppl_path)
 
     def harness_matrix(metric: str) -> dict[str, np.ndarray] | None:
-        h_path = run_dir / f"{harness_matrix_name(metric)}.json"
+        h_path = RunDir(run_dir).matrix_path(harness_matrix_name(metric))
         if not h_path.is_file():
             return None
         h = read_matrix(h_path)
@@ -318,8 +267,8 @@ def load_run(run_dir: str | os.PathLike) -> RunResult:
     harness = harness_matrix("acc")
     extra = {m: v for m in HARNESS_METRICS[1:] if (v := harness_matrix(m)) is not None} if harness else {}
 
-    config = _load_yaml(run_dir / "config.yaml")
-    info = _load_info(run_dir / "run_info.json")
+    config = _load_yaml(RunDir(run_dir).config_path)
+    info = _load_info(RunDir(run_dir).info_path)
 
     def pick(key: str, info_key: str) -> str:
         v = _get(config, key) or info.get(info_key)

@@ -55,6 +55,7 @@ from typing import Any
 
 from gain_cli.errors import GainError
 from gain_cli.io import atomic_write_csv, atomic_write_text, read_json
+from gain_cli.rundir import RunDir
 
 X_TITLE = "In-domain PPL improvement (%)"
 Y_TITLE = "Earlier-domain PPL change at end (%)"
@@ -78,7 +79,7 @@ def _run_cfg(run_dir: Path) -> dict[str, Any]:
     """The run's config.yaml as plain containers (interpolations resolved where they resolve); {} without one."""
     from omegaconf import OmegaConf
 
-    path = run_dir / "config.yaml"
+    path = RunDir(run_dir).config_path
     if not path.is_file():
         return {}
     try:
@@ -111,7 +112,7 @@ def run_point(run_dir: str | os.PathLike) -> dict[str, Any]:
     from gain_cli.reporting.metrics import compute_metrics
 
     run_dir = Path(run_dir)
-    path = run_dir / "ppl_matrix.json"
+    path = RunDir(run_dir).matrix_path()
     if not path.is_file():
         raise GainError(f"{run_dir} is not a gain run directory (no ppl_matrix.json)")
     try:

@@ -28,9 +28,10 @@ import numpy as np
 from gain_cli.errors import GainError
 from gain_cli.io import atomic_write_json, atomic_write_text
 from gain_cli.reporting import figures
-from gain_cli.reporting.matrices import RunResult, collect_rows, load_run
+from gain_cli.reporting.matrices import RunResult, load_run
 from gain_cli.reporting.metrics import SIGN_CONVENTIONS, relative_change_matrix
 from gain_cli.reporting.uncertainty import GroupIntervals, Interval, group_intervals, mark_differences
+from gain_cli.rundir import RunDir
 
 REFERENCE = "lora"   # the additive baseline the paper contrasts GAIN with; table cells are marked against it
 MULTIPLICATIVE = ("gain_attn", "gain_ffn", "ia3")
@@ -81,7 +82,7 @@ class MethodGroup:
         secs, tps, params = [], [], None
         for r in self.runs:
             total = 0.0
-            for m in collect_rows(r.path)[1: r.stages_done + 1]:
+            for m in RunDir(r.path).rows()[1: r.stages_done + 1]:
                 total += float(m.get("train", {}).get("seconds", 0.0))
                 tps.append(float(m.get("train", {}).get("tokens_per_s", 0.0)))
                 params = m.get("trainable_params", params)
@@ -149,7 +150,7 @@ def load_groups(runs: Sequence[Any], replicates: int, level: float) -> dict[str,
     """Finished runs grouped by their ``group`` (the method) in study order; unfinished ones are left out."""
     by: dict[str, list[RunResult]] = {}
     for r in runs:
-        if (Path(r.run_dir) / "ppl_matrix.json").is_file():
+        if RunDir(r.run_dir).has_matrix():
             res = load_run(r.run_dir)
             if res.complete:
                 by.setdefault(r.group, []).append(res)
@@ -452,7 +453,7 @@ def write_lr_selection(runs: Sequence[Any], spec, out_dir: Path) -> Path:
     """The learning-rate rule's table: each method × grid value's in-domain PPL on the first domain, the winner."""
     table: dict[str, list[dict[str, Any]]] = {}
     for r in runs:
-        if not (Path(r.run_dir) / "ppl_matrix.json").is_file():
+        if not RunDir(r.run_dir).has_matrix():
             continue
         res = load_run(r.run_dir)
         if res.stages_done < 1:
@@ -487,11 +488,11 @@ def write_lora_lr_sweep(runs: Sequence[Any], gain_runs: Sequence[Any], spec, out
     plane, with intervals."""
     from gain_cli.reporting.pareto import write_pareto
 
-    dirs = [r.run_dir for r in runs if (Path(r.run_dir) / "ppl_matrix.json").is_file()]
+    dirs = [r.run_dir for r in runs if RunDir(r.run_dir).has_matrix()]
     dirs += [r.run_dir for r in gain_runs]
     if not dirs:
         raise GainError("no finished lora-lr run to report on")
-    pareto = write_pareto(dirs, out_dir)
+    write_pareto(dirs, out_dir)  # the figure and its table, beside this report
     groups = load_groups([*runs, *gain_runs], spec.replicates, spec.level)
     rows = []
     for n, g in groups.items():

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from gain_cli.io import atomic_write_json, read_json
+from gain_cli.rundir import TIMING_FILE, RunDir
 
-TIMING_FILE = "timing.json"
 PHASES = ("train", "perplexity", "lm-eval")
 
 
@@ -48,13 +48,13 @@ class RunTiming:
 
     def write(self, run_dir: Path, **extra: Any) -> None:
         """Append this session to ``timing.json`` (atomically; earlier sessions of a resumed run are kept)."""
-        path = Path(run_dir) / TIMING_FILE
+        path = RunDir(run_dir).timing_path
         sessions = read_json(path).get("sessions", []) if path.is_file() else []
         atomic_write_json(path, {"sessions": [*sessions, {**self.session(), **extra}]})
 
 
 def read_timing(run_dir: Path) -> dict[str, Any] | None:
-    path = Path(run_dir) / TIMING_FILE
+    path = RunDir(run_dir).timing_path
     return read_json(path) if path.is_file() else None
 
 

@@ -35,7 +35,6 @@ method's whole state at step K·S (on the pretrained model): one saved state reb
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -66,14 +65,6 @@ def drift_overlap(train_cfg) -> float:
     """``train.drift_overlap``: the transition window as a fraction of a segment (default 0.5)."""
     value = train_cfg.get("drift_overlap", DEFAULT_OVERLAP)
     return DEFAULT_OVERLAP if value is None else float(value)
-
-
-def run_is_drift(run_dir: str | Path) -> bool:
-    """True for a run directory whose saved config trains with ``train.domain_schedule=drift``."""
-    from omegaconf import OmegaConf
-
-    path = Path(run_dir) / "config.yaml"
-    return path.is_file() and is_drift(OmegaConf.load(path))
 
 
 def check_drift(cfg) -> None:
