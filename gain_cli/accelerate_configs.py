@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from gain_cli.config import configs_dir
+from gain_cli.config_files import configs_dir
 from gain_cli.errors import GainError
 
 

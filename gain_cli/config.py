@@ -17,31 +17,11 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from gain_cli.config_files import _package_dir, config_root, configs_dir, recipes_dir  # noqa: F401  (re-exported)
 from gain_cli.errors import GainError, unknown_choice
 
 GROUPS = ("model", "method", "domains", "train", "eval", "launcher")
 DEFAULT_RECIPE = "smollm2_8domains"
-
-
-def _package_dir() -> Path:
-    return Path(__file__).resolve().parent
-
-
-def config_root() -> Path:
-    """Directory holding `configs/` and `recipes/` (package dir when installed, repo root when editable)."""
-    pkg = _package_dir()
-    for root in (pkg, pkg.parent):
-        if (root / "configs" / "config.yaml").is_file():
-            return root
-    raise GainError(f"gain's configs/ directory was not found next to {pkg}; reinstall the package")
-
-
-def configs_dir() -> Path:
-    return config_root() / "configs"
-
-
-def recipes_dir() -> Path:
-    return config_root() / "recipes"
 
 
 def _names(directory: Path) -> list[str]:
@@ -186,20 +166,35 @@ def validate_config(cfg: DictConfig) -> None:
     _check_choices(cfg)
 
 
+def _check_drift(cfg: DictConfig) -> None:
+    """One-line refusals of a drift run that cannot work: a method that needs stage boundaries, sharded training."""
+    from gain_cli.methods import boundary_free_methods, boundary_refusal
+    from gain_cli.training.drift import SHARDING_REFUSAL
+
+    method = OmegaConf.select(cfg, "method", default=None) or {}
+    reason = boundary_refusal(method)
+    if reason:
+        raise GainError(f"train.domain_schedule=drift cannot run method '{method.get('name', method.get('kind'))}': "
+                        f"{reason} (methods that run in it: {', '.join(boundary_free_methods())}; or use "
+                        "train.domain_schedule=stages)")
+    if str(OmegaConf.select(cfg, "train.sharding", default="none") or "none") in ("fsdp", "zero3"):
+        raise GainError(SHARDING_REFUSAL)
+
+
 def _check_choices(cfg: DictConfig) -> None:
     """Names a run would only look up later (the schedule, the domain sequence), checked now."""
-    from gain_cli.training.loop import SCHEDULES
+    from gain_cli.training.optim import SCHEDULES
 
     schedule = OmegaConf.select(cfg, "train.schedule", default=None)
     if schedule is not None and schedule not in SCHEDULES:
         raise unknown_choice("train.schedule", schedule, SCHEDULES)
-    from gain_cli.training.drift import DOMAIN_SCHEDULES, check_drift
+    from gain_cli.training.drift import DOMAIN_SCHEDULES
 
     domain_schedule = OmegaConf.select(cfg, "train.domain_schedule", default=None)
     if domain_schedule is not None and domain_schedule not in DOMAIN_SCHEDULES:
         raise unknown_choice("train.domain_schedule", domain_schedule, DOMAIN_SCHEDULES)
     if domain_schedule == "drift":  # a method that needs stage boundaries, sharded training: one line, before any run
-        check_drift(cfg)
+        _check_drift(cfg)
     name = OmegaConf.select(cfg, "run_name", default=None)
     if name is not None and (str(name) in (".", "..") or "/" in str(name) or os.sep in str(name)):
         raise GainError(f"run_name '{name}' must be a plain name (no '/' and not '.' or '..'): it names a folder "

@@ -96,16 +96,17 @@ def base_model_id(cfg) -> tuple[str | None, str]:
 
 
 def adapter_kind(method):
-    """(``"gain"``, ``"ia3"`` or ``"lora"``, the method that holds the adapter: ``method`` or, for ewc / l2, its
-    ``inner`` LoRA); a one-line GainError for a method that is not an adapter on one model."""
+    """(``"gain"``, ``"ia3"`` or ``"lora"``, the method that holds the adapter: ``method`` or, for a method with a
+    penalty (ewc / l2, ``method.penalty``), the method under it); a one-line GainError for a method that is not an
+    adapter on one model."""
     from gain_cli.methods.full_ft import FullFT
     from gain_cli.methods.gain import Gain
     from gain_cli.methods.ia3 import IA3
     from gain_cli.methods.imsm import Imsm
-    from gain_cli.methods.l2 import OnBaseMethod
     from gain_cli.methods.lora import Lora
+    from gain_cli.methods.penalties import Penalized
 
-    inner = method.inner if isinstance(method, OnBaseMethod) else method
+    inner = method.inner if isinstance(method, Penalized) else method
     for kind, cls in (("gain", Gain), ("ia3", IA3), ("lora", Lora)):
         if isinstance(inner, cls):
             return kind, inner
@@ -167,7 +168,6 @@ def ia3_adapter(method, states: list[dict[str, torch.Tensor]]):
 def lora_adapter(method, states: list[dict[str, torch.Tensor]]):
     """LoRA stages → one LoRA adapter: n stages of rank r side by side: rank n·r, lora_alpha n·alpha."""
     config = method.peft_config()
-    # the LoRA part of the state (EWC also saves its Fisher under ewc_fisher/, ewc_meta/)
     states = [{k: v for k, v in s.items() if k.startswith(PREFIX)} for s in states]
     bad = [k for k in states[0] if not (k.endswith(".lora_A.weight") or k.endswith(".lora_B.weight"))]
     if bad or not states[0]:
@@ -241,6 +241,8 @@ def export_run(run_dir: str | Path, out: str | Path, last: int, first: int | Non
                             "whole run up to K, on the pretrained model: export --stage K or --stages 1..K")
         first, stages = 1, list(range(1, last + 1))
     states = [rd.load_state(k) for k in (stages[-1:] if drift else stages)]
+    penalty = getattr(getattr(method, "penalty", None), "prefixes", ())  # a penalty's own state is not the adapter's
+    states = [{k: v for k, v in st.items() if not k.startswith(tuple(penalty))} for st in states]
     _same_keys(states, stages)
     config, tensors, what = BUILDERS[kind](adapter_method, states)
     base_id, base_note = base_model_id(cfg)

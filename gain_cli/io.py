@@ -10,6 +10,7 @@ import csv
 import errno
 import io
 import json
+import re
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -158,3 +159,9 @@ def read_jsonl_objects(path: str | os.PathLike, what: str, expected: str) -> lis
     if not out:
         raise GainError(f"{what} '{p}' has no items")
     return out
+
+
+def file_slug(s: str, empty: str = "x") -> str:
+    """``s`` as a file-name part: runs of other characters than letters, digits, ``.``, ``_`` and ``-`` become
+    ``_`` (``empty`` when nothing is left)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("_") or empty

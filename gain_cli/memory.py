@@ -56,42 +56,17 @@ def _bytes(params) -> int:
     return sum(p.numel() * p.element_size() for p in params)
 
 
-def _table_trainable(model, method_cfg: Mapping[str, Any], spec) -> int:
-    """Trainable parameters from the architecture table (fallback when attaching on meta fails)."""
-    from gain_cli.architectures import decoder_layers, get_submodule, in_features
-
-    kind = method_cfg.get("kind") or method_cfg.get("name")
-    if kind == "full_ft":
-        return sum(p.numel() for p in model.parameters())
-    layers = decoder_layers(model, spec)
-    if kind == "gain":
-        alias = {"attn": spec.attn_out, "ffn": spec.ffn_down}
-        paths = [alias.get(m, m) for m in (method_cfg.get("modules") or ["attn", "ffn"])]
-        return sum(in_features(get_submodule(layer, p)) for layer in layers for p in paths)  # one gain per input
-    if kind == "lora":
-        r = int(method_cfg.get("r", 8))
-        targets = tuple(method_cfg.get("target_modules") or spec.lora_targets)
-        n = 0
-        for layer in layers:
-            for name, mod in layer.named_modules():
-                if name and any(name == t or name.endswith("." + t) or name.split(".")[-1] == t for t in targets):
-                    if hasattr(mod, "weight") and mod.weight is not None and mod.weight.dim() == 2:
-                        n += r * (mod.weight.shape[0] + mod.weight.shape[1])
-        return n
-    raise GainError(f"memory estimate: no architecture-table rule for method kind '{kind}'")
-
-
 def _attached(base, config, dtype, method_cfg: Mapping[str, Any], spec) -> tuple[int, int, int, str]:
     """(trainable count, parameters added by the method, their bytes, how it was found)."""
     from gain_cli.methods import build_method
 
     n_base, b_base = sum(p.numel() for p in base.parameters()), _bytes(base.parameters())
+    method = build_method(dict(method_cfg), spec)
     try:
         import warnings
 
         import torch
 
-        method = build_method(dict(method_cfg), spec)
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = method.attach(base)
@@ -101,9 +76,8 @@ def _attached(base, config, dtype, method_cfg: Mapping[str, Any], spec) -> tuple
     except GainError:
         raise
     except Exception:  # noqa: BLE001  (a method that cannot attach to meta tensors)
-        trainable = _table_trainable(meta_skeleton(config, dtype), method_cfg, spec)
-        kind = method_cfg.get("kind") or method_cfg.get("name")
-        added = 0 if kind == "full_ft" else trainable  # GAIN gains / LoRA adapters are fp32
+        trainable = method.table_trainable(meta_skeleton(config, dtype))
+        added = 0 if method.trains_every_weight else trainable  # GAIN gains / LoRA adapters are fp32
         return trainable, added, 4 * added, "architecture table (attaching on meta failed)"
 
 
@@ -208,9 +182,11 @@ def estimate_for_config(cfg) -> dict[str, Any]:
 
     sharding = requested_sharding(cfg)  # train.sharding, or implied by launcher.accelerate_config
     if sharding == "auto":  # fsdp for methods that train every weight (gain_cli.training.sharding)
-        method = OmegaConf.to_container(cfg.method, resolve=True)
-        every = (method.get("kind") or method.get("name")) == "full_ft" or method.get("base") == "full_ft"
-        sharding = "fsdp" if every and n > 1 else "none"
+        from gain_cli.methods import METHOD_KINDS
+
+        method = OmegaConf.to_container(cfg.method, resolve=True)  # the class's flag; l2 / ewc: their method.base
+        every = getattr(METHOD_KINDS.get(str(method.get("kind") or method.get("name"))), "trains_every_weight", False)
+        sharding = "fsdp" if (every or method.get("base") == "full_ft") and n > 1 else "none"
     return memory_estimate(OmegaConf.to_container(cfg.model, resolve=True), OmegaConf.to_container(cfg.method, resolve=True),
                            OmegaConf.to_container(cfg.train, resolve=True), num_processes=n, sharding=sharding)
 

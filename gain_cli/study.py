@@ -263,6 +263,8 @@ def run_study(console, size: str = "default", sweep: str | None = None, override
                      if r.method.startswith("gain") and _complete(r.run_dir)]
         path = study_report.write_lora_lr_sweep(runs, main_runs, spec, root / "lora_lr")
     else:
-        path = study_report.write_study_report(runs, spec, root / "report", base_cfg)
+        from gain_cli.analysis.paper_figures import paper_figures
+
+        path = study_report.write_study_report(runs, spec, root / "report", base_cfg, paper_figures)
     console.print(f"report: {path}", highlight=False)
     return path

@@ -12,7 +12,8 @@ from gain_cli.architectures import ARCHITECTURES
 from gain_cli.errors import GainError
 from gain_cli.io import atomic_save_safetensors
 from gain_cli.methods import ewc as _ewc, l2 as _l2, replay as _replay  # noqa: F401  (registration)
-from gain_cli.methods.base import StageContext, build_method
+from gain_cli.methods import build_method
+from gain_cli.methods.base import StageContext
 from gain_cli.methods.lora import Lora
 from gain_cli.methods.replay import replay_slots
 from gain_cli.training.loop import stage_order
@@ -84,11 +85,12 @@ def method(kind, spec=SPEC, **cfg):
     return build_method({"name": kind, "kind": kind, **cfg}, spec)
 
 
-def loop_sequence(blocks, c):
-    """The sequences the training loop feeds, in order (its own seeded shuffle included)."""
+def loop_sequence(blocks, c, m):
+    """The sequences the training loop feeds, in order (the method's order, else the loop's seeded shuffle)."""
     t = c.train_cfg
     n = t["steps"] * t["batch_size"] * t["grad_accum"] * c.accelerator.num_processes
-    return blocks[stage_order(blocks.shape[0], n, c.seed, c.stage)]
+    order = m.training_order(blocks.shape[0], n, c.seed, c.stage)
+    return blocks[stage_order(blocks.shape[0], n, c.seed, c.stage) if order is None else order]
 
 
 def val(t):
@@ -113,7 +115,7 @@ def test_replay_mixes_earlier_domains_in_the_stated_proportion():
     c = ctx(3, steps=20, bs=8, ga=2)  # 320 sequences, earlier domains d0, d1
     blocks = m.stage_blocks(c)
     assert blocks.shape == (320, SEQ)
-    seq = loop_sequence(blocks, c)
+    seq = loop_sequence(blocks, c, m)
     doms = [domain_of(b) for b in seq]
     assert set(doms) == {0, 1, 2}  # never the future domain d3
     replay = [d != 2 for d in doms]
@@ -136,7 +138,7 @@ def test_replay_mixes_earlier_domains_in_the_stated_proportion():
 def test_replay_every_batch_of_every_process():
     m = method("lora_replay", **LORA, replay_fraction=0.25, buffer_blocks=4)
     c = ctx(2, steps=5, bs=8, ga=2, world=2)
-    seq = loop_sequence(m.stage_blocks(c), c)
+    seq = loop_sequence(m.stage_blocks(c), c, m)
     assert seq.shape[0] == 5 * 8 * 2 * 2
     for start in range(0, seq.shape[0], 8):  # each process's micro-batch is a consecutive slice of bs
         assert sum(domain_of(b) == 0 for b in seq[start:start + 8]) == 2

@@ -131,6 +131,15 @@ def assert_plain(model) -> None:
 # ---------------------------------------------------------------------------------------------- trainable set
 
 @pytest.mark.parametrize("model_type", MODELS)
+@pytest.mark.parametrize("key", ["full_ft", "gain_attn", "gain_ffn", "lora"])
+def test_table_count_on_an_unattached_model_equals_the_attached_count(key, model_type):
+    """The memory estimate's fallback (Method.table_trainable) counts what attaching trains."""
+    method = method_for(key, model_type)
+    unattached = method.table_trainable(tiny_model(model_type))
+    assert unattached == method.count_trainable(method.attach(tiny_model(model_type)))
+
+
+@pytest.mark.parametrize("model_type", MODELS)
 @pytest.mark.parametrize("key", list(METHODS))
 def test_exactly_the_promised_parameters_train(key, model_type):
     ids = tiny_ids()

@@ -14,7 +14,9 @@ replays the same calls with ``load_state_dict`` instead of training::
     model = method.attach(model); method.load_state_dict(model, state); model = method.finish_stage(model)
 
 A method is added in one place: a module in ``gain_cli/methods/`` with a ``Method``
-subclass registered by ``@register("kind")`` and a YAML in ``configs/method/``.
+subclass registered by ``@register("kind")`` and a YAML in ``configs/method/``. Penalties toward the previous
+stage (``method.penalty``: l2, ewc) are separate objects any method carries (``gain_cli.methods.penalties``); a
+method only says what its stage's change is (``penalty_weights``, ``displacements``).
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ import torch
 from torch import nn
 
 from gain_cli.architectures import ArchSpec
-from gain_cli.errors import GainError, unknown_choice
+from gain_cli.errors import GainError
 
 METHOD_KINDS: dict[str, type["Method"]] = {}
+PENALTIES: dict[str, type] = {}  # name -> gain_cli.methods.penalties.Penalty subclass (method.penalty)
 
 
 @dataclass
@@ -50,6 +53,15 @@ def register(kind: str):
     def deco(cls: type[Method]) -> type[Method]:
         cls.kind = kind
         METHOD_KINDS[kind] = cls
+        return cls
+
+    return deco
+
+
+def register_penalty(name: str):
+    def deco(cls):
+        cls.name = name
+        PENALTIES[name] = cls
         return cls
 
     return deco
@@ -98,10 +110,31 @@ class Method(ABC):
         forward, where ZeRO-3 keeps them empty)."""
         return False
 
+    # --- what a penalty toward the previous stage measures (gain_cli.methods.penalties) -------
+    # True: the stage's change is the trainable parameters minus their values at attach (an anchor is copied);
+    # False: the method's ``displacements`` are deltas by themselves (LoRA: ΔW = scale · B A)
+    anchored: ClassVar[bool] = True
+
+    def penalty_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The tensors whose change a penalty measures, by name (EWC's Fisher is taken w.r.t. them)."""
+        return dict(self.trainable_parameters(model))
+
+    def displacements(self, model: nn.Module, anchor: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """The stage's change per penalised tensor (fp32, differentiable): parameters minus the anchor."""
+        if anchor is None:
+            return {}
+        return {n: p.float() - anchor[n].float() for n, p in self.trainable_parameters(model)}
+
     # --- optional stage hooks -----------------------------------------------------------
     def stage_blocks(self, ctx: StageContext) -> torch.Tensor:
         """The packed training blocks of a stage (replay methods mix in earlier domains)."""
         return ctx.data.blocks(ctx.domain, "train", int(ctx.train_cfg["seq_len"]))
+
+    def training_order(self, n_blocks: int, n_needed: int, seed: int, stage: int) -> torch.Tensor | None:
+        """The order in which the loop takes the blocks ``stage_blocks`` returned (indices, ``n_needed`` of them);
+        None: the loop's own seeded reshuffled passes (``training.loop.stage_order``). A method that composes its
+        stage's exact sequence (replay) returns ``arange``."""
+        return None
 
     def after_training(self, model: nn.Module, ctx: StageContext) -> None:
         """Called after the stage's training, before ``state_dict`` (e.g. EWC's Fisher estimate)."""
@@ -149,6 +182,14 @@ class Method(ABC):
     def count_trainable(self, model: nn.Module) -> int:
         return sum(p.numel() for _, p in self.trainable_parameters(model))
 
+    # True: the method trains the model's own weights (full FT): nothing is added, and train.sharding=auto shards it
+    trains_every_weight: ClassVar[bool] = False
+
+    def table_trainable(self, model: nn.Module) -> int:
+        """Trainable parameters counted from the architecture table on an unattached (meta) skeleton: the memory
+        estimate's fallback when attaching on meta tensors fails."""
+        raise GainError(f"memory estimate: no architecture-table rule for method kind '{self.kind}'")
+
     def param_summary(self, model: nn.Module) -> tuple[int, str]:
         """(the method's own parameter count, a human formula for it) on an attached model.
 
@@ -170,13 +211,6 @@ def check_state_keys(method: Method, expected: set[str], got: Mapping[str, Any])
             f"saved {method.name} state does not fit this model: "
             f"{len(missing)} missing key(s) (e.g. {sorted(missing)[:2]}), {len(extra)} unexpected (e.g. {sorted(extra)[:2]})"
         )
-
-
-def build_method(cfg: Mapping[str, Any], spec: ArchSpec) -> Method:
-    kind = cfg.get("kind") or cfg.get("name")
-    if kind not in METHOD_KINDS:
-        raise unknown_choice("method kind", kind, METHOD_KINDS)
-    return METHOD_KINDS[kind](cfg, spec)
 
 
 def layer_of(name: str, spec: ArchSpec) -> tuple[int, str] | None:

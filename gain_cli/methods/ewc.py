@@ -32,149 +32,33 @@ domains the Fisher holds). The state saved after stage k holds the Fisher of dom
 rebuilding from disk (resume, merge, eval: attach → load_state_dict → finish_stage) restores the
 Fisher that stage k+1 needs, and a mid-stage checkpoint restores the running stage's Fisher and
 anchor exactly. A full-FT EWC stage state is about 3× a full-FT one (weights, anchor, Fisher).
+
+The penalty itself is ``gain_cli.methods.penalties.EwcPenalty``, which any method carries with
+``method.penalty=ewc`` (GAIN included); this module is that penalty on full FT or LoRA with its
+settings at the method's top level.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import torch
-from torch import nn
 
-from gain_cli.errors import GainError, unknown_choice
-from gain_cli.methods.base import StageContext, check_state_keys, register
-from gain_cli.methods.l2 import OnBaseMethod, lora_base_weights, split_state
-
-ACCUMULATE = ("sum", "mean")
+from gain_cli.methods.base import register
+from gain_cli.methods.l2 import OnBaseMethod
+from gain_cli.methods.penalties import EwcPenalty
 
 
 @register("ewc")
 class EWC(OnBaseMethod):
-    FISHER, ANCHOR, META = "ewc_fisher/", "ewc_anchor/", "ewc_meta/"
-    boundary_refusal = ("it needs stage boundaries: its penalty anchors the weights where each finished domain's stage "
-                        "ended, weighted by a Fisher estimate on that domain's data")
+    penalty_name = "ewc"
+    boundary_refusal = EwcPenalty.boundary_refusal
 
-    def __init__(self, cfg: Mapping[str, Any], spec):
-        super().__init__(cfg, spec)
-        self.accumulate = str(self.cfg.get("fisher_accumulate", "sum"))
-        if self.accumulate not in ACCUMULATE:
-            raise unknown_choice("method.fisher_accumulate", self.accumulate, ACCUMULATE)
-        self.fisher_batches = int(self.cfg.get("fisher_batches", 4))
-        if self.fisher_batches < 1:
-            raise GainError(f"method.fisher_batches must be >= 1, got {self.fisher_batches}")
-        self.fisher: dict[str, torch.Tensor] | None = None
-        self.anchor: dict[str, torch.Tensor] | None = None
-        self.n_domains = 0
-        self._info: dict[str, Any] = {}
+    @property
+    def fisher(self) -> dict[str, torch.Tensor] | None:
+        return self.penalty.fisher
 
-    # -- which weights the Fisher and the penalty are about --
-    def fisher_targets(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        if self.base == "lora":
-            return lora_base_weights(model)
-        return dict(self.inner.trainable_parameters(model))
+    @property
+    def n_domains(self) -> int:
+        return self.penalty.n_domains
 
-    def attach(self, model: nn.Module) -> nn.Module:
-        model = self.inner.attach(model)
-        # full FT: the anchor is the model this stage starts from (only needed once there is a Fisher)
-        self.anchor = self.snapshot(model) if self.base == "full_ft" and self.fisher is not None else None
-        return model
-
-    def regularization(self, model: nn.Module) -> torch.Tensor | None:
-        if self.fisher is None or self.lam == 0.0:
-            return None
-        d = self.displacements(model, self.anchor)
-        if not d:  # full FT with a Fisher but no anchor: only after loading a final (non-training) state
-            return None
-        return 0.5 * self.lam * sum((self.fisher[n] * x ** 2).sum() for n, x in d.items())
-
-    # -- Fisher --
-    def after_training(self, model: nn.Module, ctx: StageContext) -> None:
-        with torch.no_grad():
-            pen = self.regularization(model)  # the stage's final penalty (for choosing λ), before the Fisher grows
-        est = self.estimate_fisher(model, ctx)
-        if self.fisher is None:
-            self.fisher, self.n_domains = est, 1
-        else:
-            n = self.n_domains
-            if self.accumulate == "sum":
-                self.fisher = {k: self.fisher[k] + est[k] for k in est}
-            else:
-                self.fisher = {k: (self.fisher[k] * n + est[k]) / (n + 1) for k in est}
-            self.n_domains = n + 1
-        self._info = {
-            "base": self.base, "lambda": self.lam, "fisher_batches": self.fisher_batches,
-            "fisher_accumulate": self.accumulate, "fisher_domains": self.n_domains,
-            "fisher_values": int(sum(v.numel() for v in self.fisher.values())),
-            "final_penalty": None if pen is None else float(pen),
-            "fisher_mean_this_domain": float(sum(v.sum() for v in est.values()) / max(1, sum(v.numel() for v in est.values()))),
-        }
-
-    def estimate_fisher(self, model: nn.Module, ctx: StageContext) -> dict[str, torch.Tensor]:
-        """Diagonal empirical Fisher of the stage's domain (see the module docstring)."""
-        seq_len = int(ctx.train_cfg["seq_len"])
-        bs = int(self.cfg.get("fisher_batch_size") or ctx.train_cfg["batch_size"])
-        blocks = ctx.data.blocks(ctx.domain, "train", seq_len)
-        need = self.fisher_batches * bs
-        g = torch.Generator().manual_seed(1_000_003 * int(ctx.seed) + int(ctx.stage) + 7_919_000)
-        reps = -(-need // blocks.shape[0])
-        idx = torch.cat([torch.randperm(blocks.shape[0], generator=g) for _ in range(reps)])[:need]
-
-        targets = self.fisher_targets(model)
-        if not targets:
-            raise GainError(f"method '{self.name}': no weights to estimate the Fisher for (no trainable / adapted weights)")
-        names = list(targets)
-        tensors = [targets[n] for n in names]
-        flags = [t.requires_grad for t in tensors]
-        device = tensors[0].device
-        est = {n: torch.zeros(t.shape, dtype=torch.float32, device=t.device) for n, t in targets.items()}
-        was_training = model.training
-        model.eval()
-        try:
-            for t in tensors:
-                t.requires_grad_(True)
-            with torch.enable_grad():
-                for b in range(self.fisher_batches):
-                    ids = blocks[idx[b * bs:(b + 1) * bs]].to(device)
-                    loss = model(input_ids=ids, labels=ids).loss
-                    grads = torch.autograd.grad(loss, tensors, allow_unused=True)
-                    for n, gr in zip(names, grads):
-                        if gr is not None:
-                            est[n] += gr.detach().float() ** 2
-        finally:
-            for t, f in zip(tensors, flags):
-                t.requires_grad_(f)
-            model.train(was_training)
-        return {n: v / self.fisher_batches for n, v in est.items()}
-
-    def stage_info(self) -> dict[str, Any]:
-        return {"ewc": dict(self._info)}
-
-    # -- state --
-    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        state = self.inner.state_dict(model)
-        if self.fisher is not None:
-            state.update({self.FISHER + n: t.detach().float().cpu().clone() for n, t in self.fisher.items()})
-            state[self.META + "domains"] = torch.tensor([self.n_domains], dtype=torch.int64)
-        if self.anchor is not None:
-            state.update({self.ANCHOR + n: t.detach().cpu().clone() for n, t in self.anchor.items()})
-        return state
-
-    def load_state_dict(self, model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-        fisher, rest = split_state(state, self.FISHER)
-        anchor, rest = split_state(rest, self.ANCHOR)
-        meta, rest = split_state(rest, self.META)
-        self.inner.load_state_dict(model, rest)
-        if fisher:
-            targets = self.fisher_targets(model)
-            check_state_keys(self, set(targets), fisher)
-            self.fisher = {n: fisher[n].to(targets[n].device, torch.float32).clone() for n in targets}
-            self.n_domains = int(meta["domains"].reshape(-1)[0]) if "domains" in meta else 1
-        else:
-            self.fisher, self.n_domains = None, 0
-        if anchor:
-            if self.base != "full_ft":
-                raise GainError(f"saved {self.name} state holds a full-FT anchor but method.base is {self.base}")
-            self.anchor = self.load_anchor(model, anchor)
-        else:
-            self.anchor = None
+    def estimate_fisher(self, model, ctx) -> dict[str, torch.Tensor]:
+        return self.penalty.estimate_fisher(model, ctx)

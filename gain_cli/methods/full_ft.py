@@ -19,6 +19,10 @@ class FullFT(Method):
 
     cumulative_state = True
     sharding_refusal = None
+    trains_every_weight = True
+
+    def table_trainable(self, model: nn.Module) -> int:
+        return sum(p.numel() for p in model.parameters())
 
     def attach(self, model: nn.Module) -> nn.Module:
         for p in model.parameters():

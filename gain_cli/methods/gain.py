@@ -257,6 +257,9 @@ class Gain(Method):
                 setattr(owner, attr, mod.merged_base())
         return model
 
+    def table_trainable(self, model: nn.Module) -> int:
+        return self.param_summary(model)[0]  # one gain per input of each wrapped projection, attached or not
+
     def param_summary(self, model: nn.Module) -> tuple[int, str]:
         per_layer: list[list[int]] = []
         for i, layer in enumerate(decoder_layers(model, self.spec)):

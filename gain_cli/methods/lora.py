@@ -158,6 +158,39 @@ def adapter_formula(model: nn.Module, spec, prefix: str = "") -> tuple[int, str]
     return total, per_layer_formula(spec, entries, prefix)
 
 
+PEFT_PREFIX = "base_model.model."
+
+
+def lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """PEFT LoRA layers keyed by the plain HF name of the weight they adapt (e.g. ``model.layers.0.self_attn.q_proj.weight``)."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoraLayer) and len(getattr(mod, "lora_A", {})):
+            plain = name[len(PEFT_PREFIX):] if name.startswith(PEFT_PREFIX) else name
+            out[f"{plain}.weight"] = mod
+    return out
+
+
+def lora_delta(mod: nn.Module) -> torch.Tensor:
+    """ΔW = scale · B A of a LoRA layer in fp32, laid out like its base weight (differentiable)."""
+    delta = None
+    for adapter in mod.lora_A:
+        a, b = mod.lora_A[adapter].weight, mod.lora_B[adapter].weight
+        if a.dim() != 2:
+            raise GainError(f"the L2/EWC penalty supports LoRA on linear projections only, not {type(mod).__name__}")
+        d = (b.float() @ a.float()) * float(mod.scaling[adapter])
+        if getattr(mod, "fan_in_fan_out", False):  # GPT-2 Conv1D: weight stored (in, out)
+            d = d.T
+        delta = d if delta is None else delta + d
+    return delta
+
+
+def lora_base_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: mod.get_base_layer().weight for name, mod in lora_layers(model).items()}
+
+
 class PeftMethod(Method):
     """A method that is one PEFT adapter per stage, merged with ``merge_and_unload`` (LoRA, (IA)^3).
 
@@ -228,5 +261,29 @@ class PeftMethod(Method):
 
 @register("lora")
 class Lora(PeftMethod):
+    # a penalty measures ΔW = scale · B A of each adapted weight (the distance to the previous merged model): no
+    # anchor copy; EWC's Fisher is taken w.r.t. the adapted base weights
+    anchored = False
+
     def peft_config(self):
         return lora_config(self.cfg, self.spec)
+
+    def penalty_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return lora_base_weights(model)
+
+    def table_trainable(self, model: nn.Module) -> int:
+        """r · (in + out) of every targeted 2-D projection of the decoder layers."""
+        from gain_cli.architectures import decoder_layers
+
+        r = int(self.cfg.get("r", 8))
+        targets = tuple(self.cfg.get("target_modules") or self.spec.lora_targets)
+        n = 0
+        for layer in decoder_layers(model, self.spec):
+            for name, mod in layer.named_modules():
+                if name and any(name == t or name.endswith("." + t) or name.split(".")[-1] == t for t in targets):
+                    if getattr(mod, "weight", None) is not None and mod.weight.dim() == 2:
+                        n += r * (mod.weight.shape[0] + mod.weight.shape[1])
+        return n
+
+    def displacements(self, model: nn.Module, anchor=None) -> dict[str, torch.Tensor]:
+        return {n: lora_delta(m) for n, m in lora_layers(model).items()}

@@ -16,13 +16,10 @@ blocks differ (hook ``stage_blocks``):
   one in every 10, f = 0.25 with batch 8: exactly 2 per batch. Replay slots go round-robin to the
   earlier domains (equal shares); each domain's buffer is walked in seeded reshuffled passes.
   The other slots walk the stage's own blocks in seeded reshuffled passes (as plain LoRA does).
-* Surviving the loop's shuffle: ``training.loop.train_stage`` reads ``blocks[stage_order(len,
-  N, seed, stage)]``, a seeded permutation. We return exactly N blocks, so that order is a single
-  permutation π of 0..N−1 (``stage_order`` is called here with the same arguments), and place the
-  intended i-th sequence at position π[i]: the loop then sees the intended sequence, in order,
-  batch by batch (and across processes, since they take consecutive batch-sized slices). If the
-  loop's order ever differs, every returned block is still used exactly once, so the overall
-  proportion holds; only the even spread would become random.
+* Order: the stage's blocks are that exact sequence of N blocks, and ``training_order`` tells the
+  loop to take them as they are (``arange``) instead of its own seeded shuffle: the loop sees the
+  intended sequence, in order, batch by batch (and across processes, since they take consecutive
+  batch-sized slices). Stage 1 (plain LoRA) keeps the loop's shuffle.
 * Memory: the returned tensor has N × seq_len int64 entries (own blocks repeat when N exceeds them).
 
 Stage 1 (no earlier domain) or ``replay_fraction: 0`` is plain LoRA. ``stage_info()`` (stored in
@@ -86,6 +83,7 @@ class LoraReplay(Lora):
         if self.buffer_blocks < 1:
             raise GainError(f"method.buffer_blocks must be >= 1, got {self.buffer_blocks}")
         self._info: dict[str, Any] = {}
+        self._composed = False  # the last stage_blocks are the stage's exact sequence (a replay mix)
 
     def buffer(self, ctx: StageContext, domain: str, domain_stage: int) -> torch.Tensor:
         """The replay buffer of an earlier domain: at most ``buffer_blocks`` of its training blocks."""
@@ -95,14 +93,13 @@ class LoraReplay(Lora):
         return blocks[keep]
 
     def stage_blocks(self, ctx: StageContext) -> torch.Tensor:
-        from gain_cli.training.loop import stage_order
-
         seq_len = int(ctx.train_cfg["seq_len"])
         own = super().stage_blocks(ctx)
         info: dict[str, Any] = {"replay_fraction": self.fraction, "buffer_blocks_per_domain": self.buffer_blocks,
                                 "buffered_blocks": {}, "stored_blocks": 0, "stored_tokens": 0,
                                 "replayed_blocks": 0, "replayed_tokens": 0, "replayed_by_domain": {}}
-        if not ctx.earlier or self.fraction == 0.0:
+        self._composed = bool(ctx.earlier) and self.fraction > 0.0
+        if not self._composed:
             self._info = info
             return own  # plain LoRA
 
@@ -122,18 +119,20 @@ class LoraReplay(Lora):
             seq[pos] = buf[_walk(buf.shape[0], pos.numel(), _generator(ctx.seed, ctx.stage, salt=2 + j))]
             by_domain[d] = int(pos.numel())
 
-        # The loop reads blocks[stage_order(n, n, seed, stage)] = blocks[π]; put seq[i] at π[i].
-        perm = stage_order(n, n, ctx.seed, ctx.stage)
-        out = torch.empty_like(seq)
-        out[perm] = seq
-
         stored = {d: int(b.shape[0]) for d, b in buffers.items()}
         info.update(buffered_blocks=stored, stored_blocks=sum(stored.values()),
                     stored_tokens=sum(stored.values()) * seq_len, replayed_blocks=n_replay,
                     replayed_tokens=n_replay * seq_len, replayed_by_domain=by_domain,
                     stage_sequences=n, new_domain_blocks=n - n_replay)
         self._info = info
-        return out
+        return seq
+
+    def training_order(self, n_blocks: int, n_needed: int, seed: int, stage: int) -> torch.Tensor | None:
+        if not self._composed:
+            return None  # plain LoRA: the loop's shuffle
+        if n_blocks != n_needed:
+            raise GainError(f"replay composed {n_blocks} sequences for a stage that takes {n_needed}")
+        return torch.arange(n_needed)
 
     def stage_info(self) -> dict[str, Any]:
         return {"replay": dict(self._info)}

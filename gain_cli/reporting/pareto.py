@@ -100,10 +100,23 @@ def _number(v: Any) -> float | None:
         return None
 
 
+def _penalty(method: Mapping[str, Any]) -> tuple[str | None, Any]:
+    """(name, λ) of the penalty a run's method carries: ``method.penalty`` (a name, or a mapping with its
+    settings; λ None = the penalty's default), the l2 / ewc methods' own ``lambda``, GAIN's own ``l2``."""
+    penalty = method.get("penalty")
+    if isinstance(penalty, Mapping):
+        return str(penalty.get("name")), penalty.get("lambda")
+    if penalty:
+        return str(penalty), None
+    return None, method.get("lambda", method.get("l2"))
+
+
 def method_label(method: Mapping[str, Any]) -> str:
     name = str(method.get("name") or method.get("kind") or "?")
     base = method.get("base")
-    return f"{name} ({base})" if base and str(base) not in name else name
+    label = f"{name} ({base})" if base and str(base) not in name else name
+    penalty = _penalty(method)[0]
+    return f"{label} + {penalty}" if penalty else label
 
 
 def run_point(run_dir: str | os.PathLike) -> dict[str, Any]:
@@ -126,7 +139,7 @@ def run_point(run_dir: str | os.PathLike) -> dict[str, Any]:
     metrics = compute_metrics(values, domains)
     config = _run_cfg(run_dir)
     method = config.get("method") if isinstance(config.get("method"), dict) else {}
-    lam = method.get("lambda", method.get("l2"))
+    lam = _penalty(method)[1]
     x = -100.0 * metrics.in_domain_change_mean
     y = math.nan if metrics.earlier_change_vs_own_mean is None else 100.0 * metrics.earlier_change_vs_own_mean
     return {

@@ -18,7 +18,6 @@ The heatmaps share one symmetric colour scale, ±max |PPL change| over every run
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import datetime
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from gain_cli.errors import GainError
-from gain_cli.io import atomic_write_json, atomic_write_text
+from gain_cli.io import atomic_write_json, atomic_write_text, file_slug
 from gain_cli.reporting import figures
 from gain_cli.reporting.matrices import RunResult, load_run
 from gain_cli.reporting.metrics import SIGN_CONVENTIONS, jsonable, relative_change_matrix
@@ -36,10 +35,6 @@ from gain_cli.reporting.tables import (DOMAIN_METRICS, domain_table, domain_tabl
                                        run_labels, to_csv, to_latex, to_markdown)
 
 FORMATS = {"md": "md", "markdown": "md", "latex": "tex", "tex": "tex", "csv": "csv"}
-
-
-def _slug(s: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("_") or "run"
 
 
 def check_same_domains(runs: Sequence[RunResult]) -> None:
@@ -71,7 +66,7 @@ def _tables(runs: Sequence[RunResult]):
     titles = {"acc": "accuracy", "acc_stderr": "accuracy, lm-eval's standard error",
               "acc_norm": "length-normalised accuracy", "acc_norm_stderr": "length-normalised accuracy, standard error"}
     for t in harness_tasks(runs):
-        out += [(f"{t} {titles[m]} per stage (%)", f"{_slug(t)}_per_stage" + ("" if m == "acc" else f"_{m}"),
+        out += [(f"{t} {titles[m]} per stage (%)", f"{file_slug(t, 'run')}_per_stage" + ("" if m == "acc" else f"_{m}"),
                  harness_table(runs, t, m)) for m in harness_metrics(runs, t)]
     return out
 
@@ -119,7 +114,7 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
         table_files.append("metrics.md")
     elif ext == "tex":
         conv = "\n".join(f"% {k}: {v}" for k, v in SIGN_CONVENTIONS.items())
-        text = "\n".join(to_latex(tab, caption=title, label=f"tab:{_slug(key)}") for title, key, tab in tables)
+        text = "\n".join(to_latex(tab, caption=title, label=f"tab:{file_slug(key, 'run')}") for title, key, tab in tables)
         atomic_write_text(out_dir / "metrics.tex",
                           "% Forgetting metrics (needs \\usepackage{booktabs}). Sign conventions:\n" + conv + "\n\n" + text)
         table_files.append("metrics.tex")
@@ -137,7 +132,7 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
         if lab not in rels:
             continue
         rows = [f"{k}: {r.domains[k - 1]}" for k in range(1, r.stages_done + 1)]
-        p = figures.relative_change_heatmap(rels[lab], rows, r.domains, fig_dir / f"heatmap_{_slug(lab)}.png",
+        p = figures.relative_change_heatmap(rels[lab], rows, r.domains, fig_dir / f"heatmap_{file_slug(lab, 'run')}.png",
                                             title=f"{lab}: PPL change vs base (%)",
                                             outline=[(i, i) for i in range(r.stages_done)], vmax=limits[1],
                                             formats=figure_formats)
@@ -154,7 +149,7 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
                     data[lab] = curve[task][: len(r.rows)]
             if not data:
                 continue
-            name = f"{_slug(task)}_curve.png" if metric == "acc" else f"{_slug(task)}_{metric}_curve.png"
+            name = f"{file_slug(task, 'run')}_curve.png" if metric == "acc" else f"{file_slug(task, 'run')}_{metric}_curve.png"
             p = figures.harness_curve(data, fig_dir / name, task=task, stage_labels=stage_labels,
                                       formats=figure_formats, metric=metric)
             curves.append((f"{task} {figures.METRIC_LABELS[metric]}", p.relative_to(out_dir).as_posix()))

@@ -17,7 +17,6 @@ Verdict rules (fixed before any result was seen; recipes/smollm2_study.yaml stat
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from gain_cli.errors import GainError
-from gain_cli.io import atomic_write_json, atomic_write_text
+from gain_cli.io import atomic_write_json, atomic_write_text, file_slug
 from gain_cli.reporting import figures
 from gain_cli.reporting.matrices import RunResult, load_run
 from gain_cli.reporting.metrics import SIGN_CONVENTIONS, relative_change_matrix
@@ -55,10 +54,6 @@ PAPER = {
     "boolq": "BoolQ −0.8 (GAIN-FFN) vs −14.9 (LoRA) after 7 adaptations of Qwen2.5-7B",
     "multiplicative": "v2: every additive method degrades earlier domains, all multiplicative ones improve them",
 }
-
-
-def _slug(s: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", s).strip("_") or "x"
 
 
 # --------------------------------------------------------------------------------------------- groups
@@ -313,7 +308,7 @@ def _figures(groups: dict[str, MethodGroup], tasks: Sequence[str], domains: Sequ
                   for n, g in groups.items() if t in g.iv.accuracy}
         if curves:
             out.append((f"{t} accuracy per stage (95 % intervals over seeds and items)",
-                        figures.harness_curve(curves, fig_dir / f"{_slug(t)}_curve{'' if heatmaps else '_intervals'}.png",
+                        figures.harness_curve(curves, fig_dir / f"{file_slug(t)}_curve{'' if heatmaps else '_intervals'}.png",
                                               task=t, stage_labels=stage_labels, errors=errors, formats=formats)))
     if not heatmaps:
         return out
@@ -323,40 +318,10 @@ def _figures(groups: dict[str, MethodGroup], tasks: Sequence[str], domains: Sequ
         rows = [f"{k}: {domains[k - 1]}" for k in range(1, rel.shape[0] + 1)]
         out.append((f"{n}: PPL change vs base (mean over seeds; one colour scale for all methods, "
                     f"±{figures.format_limit(hi)} %)",
-                    figures.relative_change_heatmap(rel, rows, list(domains), fig_dir / f"heatmap_{_slug(n)}.png",
+                    figures.relative_change_heatmap(rel, rows, list(domains), fig_dir / f"heatmap_{file_slug(n)}.png",
                                                     title=f"{n}: PPL change vs base (%)",
                                                     outline=[(i, i) for i in range(rel.shape[0])], vmax=hi,
                                                     formats=formats)))
-    return out
-
-
-def paper_figures(groups: dict[str, MethodGroup], spec, out_dir: Path) -> list[tuple[str, Path]]:
-    """The paper's Figures 1, 3 and 4 from the first seed of GAIN-FFN and LoRA (``study.figures`` says which)."""
-    cfg = spec.figures or {}
-    firsts = [groups[m].runs[0].path for m in ("gain_ffn", "lora") if m in groups]
-    out: list[tuple[str, Path]] = []
-    if len(firsts) < 1:
-        return out
-    max_blocks = cfg.get("max_blocks")
-    if cfg.get("tokens", True):
-        from gain_cli.analysis.token_shift import token_shift
-
-        stage = int(cfg.get("tokens_stage", 1))
-        out.append((f"Figure 1: per-token loss change on the other domains after stage {stage}",
-                    token_shift(firsts, out_dir / "fig1_tokens", stage=stage, max_blocks=max_blocks)))
-    if cfg.get("interpolate", True):
-        from gain_cli.analysis.interpolation import interpolation
-
-        out.append(("Figure 3: loss along the interpolation from the base model to stage 1",
-                    interpolation(firsts, out_dir / "fig3_interpolate", stage=1, points=int(cfg.get("points", 5)),
-                                  max_blocks=max_blocks)))
-    if cfg.get("combine", True):
-        from gain_cli.analysis.combination import combination
-
-        for rd in firsts:
-            out.append((f"Figure 4: two stages' adaptations combined ({rd.parent.name})",
-                        combination(rd, out_dir / f"fig4_combine_{_slug(rd.parent.name)}", stages=(1, 2),
-                                    max_blocks=max_blocks)))
     return out
 
 
@@ -391,8 +356,10 @@ def _protocol_md(base_cfg, spec, groups: dict[str, MethodGroup]) -> list[str]:
     return lines
 
 
-def write_study_report(runs: Sequence[Any], spec, out_dir: Path, base_cfg) -> Path:
-    """The study's report.md, study.json and figures (see the module docstring)."""
+def write_study_report(runs: Sequence[Any], spec, out_dir: Path, base_cfg, paper_figures=None) -> Path:
+    """The study's report.md, study.json and figures (see the module docstring). ``paper_figures(run_dirs,
+    settings, out_dir)`` draws the paper's Figures 1, 3 and 4 from the first seed of GAIN-FFN and LoRA
+    (``gain_cli.analysis.paper_figures``: the analyses reload models, which reports never do themselves)."""
     out_dir = Path(out_dir)
     groups = load_groups(runs, spec.replicates, spec.level)
     reported = {res.path.resolve() for g in groups.values() for res in g.runs}
@@ -405,8 +372,9 @@ def write_study_report(runs: Sequence[Any], spec, out_dir: Path, base_cfg) -> Pa
     fig_dir = out_dir / "figures"
     figs = _figures(groups, tasks, domains, fig_dir)
     paper_figs: list[tuple[str, Path]] = []
-    if spec.figures.get("enabled", True):
-        paper_figs = paper_figures(groups, spec, out_dir)
+    firsts = [groups[m].runs[0].path for m in ("gain_ffn", "lora") if m in groups]
+    if paper_figures is not None and spec.figures.get("enabled", True) and firsts:
+        paper_figs = paper_figures(firsts, spec.figures or {}, out_dir)
 
     atomic_write_json(out_dir / "study.json", {
         "study": spec.name, "recipe": spec.recipe, "domains": domains, "level": spec.level,

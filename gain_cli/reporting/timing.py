@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gain_cli.io import atomic_write_json, read_json
-from gain_cli.rundir import TIMING_FILE, RunDir
+from gain_cli.rundir import RunDir
 
 PHASES = ("train", "perplexity", "lm-eval")
 

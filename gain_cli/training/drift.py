@@ -67,39 +67,6 @@ def drift_overlap(train_cfg) -> float:
     return DEFAULT_OVERLAP if value is None else float(value)
 
 
-def check_drift(cfg) -> None:
-    """One-line refusals of a drift run that cannot work: a method that needs stage boundaries, sharded training."""
-    from omegaconf import OmegaConf
-
-    from gain_cli.methods import METHOD_KINDS
-
-    method = OmegaConf.select(cfg, "method", default=None) or {}
-    kind = method.get("kind") or method.get("name")
-    cls = METHOD_KINDS.get(str(kind))
-    reason = getattr(cls, "boundary_refusal", None)
-    if reason:
-        raise GainError(f"train.domain_schedule=drift cannot run method '{method.get('name', kind)}': {reason} "
-                        f"(methods that run in it: {', '.join(drift_methods())}; or use train.domain_schedule=stages)")
-    if str(OmegaConf.select(cfg, "train.sharding", default="none") or "none") in ("fsdp", "zero3"):
-        raise GainError(SHARDING_REFUSAL)
-
-
-def drift_methods() -> list[str]:
-    """The method configs (configs/method/*.yaml) whose kind can train boundary-free."""
-    from omegaconf import OmegaConf
-
-    from gain_cli.config import configs_dir
-    from gain_cli.methods import METHOD_KINDS
-
-    out = []
-    for path in sorted((configs_dir() / "method").glob("*.yaml")):
-        c = OmegaConf.load(path)
-        cls = METHOD_KINDS.get(str(c.get("kind") or c.get("name")))
-        if cls is not None and not cls.boundary_refusal:
-            out.append(str(c.get("name", path.stem)))
-    return out
-
-
 # --- the mixing schedule ------------------------------------------------------------------------
 
 def ramps(t: torch.Tensor, n_domains: int, steps: int, overlap: float) -> torch.Tensor:
@@ -146,7 +113,7 @@ class DriftTrainer:
 
     def __init__(self, model, method, blocks: list[torch.Tensor], domains: list[str], train_cfg, *, seed: int,
                  accelerator):
-        from gain_cli.training.loop import make_optimizer, make_scheduler
+        from gain_cli.training.optim import make_optimizer, make_scheduler
 
         self.model, self.method, self.blocks, self.domains = model, method, blocks, domains
         self.cfg, self.acc, self.seed = train_cfg, accelerator, int(seed)

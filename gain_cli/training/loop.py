@@ -20,9 +20,9 @@ from gain_cli.errors import GainError
 from gain_cli.models.compiling import maybe_compile
 from gain_cli.models.kv_cache import no_kv_cache
 from gain_cli.training.accelerator import prepared_for_stage, sharded_stage
+from gain_cli.training.optim import SCHEDULES, make_optimizer, make_scheduler  # noqa: F401  (re-exported)
 from gain_cli.training.sharding import is_sharded
 
-SCHEDULES = ("cosine", "linear", "constant")
 
 
 class NonFiniteLoss(GainError):
@@ -53,27 +53,6 @@ def stage_order(n_blocks: int, n_needed: int, seed: int, stage: int) -> torch.Te
     return torch.cat([torch.randperm(n_blocks, generator=g) for _ in range(epochs)])[:n_needed]
 
 
-def make_scheduler(optimizer, train_cfg, total_steps: int):
-    from transformers import get_scheduler
-
-    name = str(train_cfg.get("schedule", "cosine"))
-    if name not in SCHEDULES:
-        raise GainError(f"unknown train.schedule '{name}' (valid: {', '.join(SCHEDULES)})")
-    warmup = int(round(float(train_cfg.get("warmup_ratio", 0.0)) * total_steps))
-    return get_scheduler("constant_with_warmup" if name == "constant" else name, optimizer,
-                         num_warmup_steps=warmup, num_training_steps=total_steps)
-
-
-def make_optimizer(groups) -> torch.optim.AdamW:
-    """AdamW over the groups: the fused kernel where the parameters' device supports it (one pass over each
-    tensor instead of foreach's several; ~4x faster optimiser step for full fine-tuning on CPU, and what the HF
-    Trainer uses by default), else the foreach implementation. Same update rule either way."""
-    try:
-        return torch.optim.AdamW(groups, fused=True)
-    except (RuntimeError, ValueError):  # device or dtype without a fused kernel
-        return torch.optim.AdamW(groups, foreach=True)
-
-
 def train_stage(model, method, blocks: torch.Tensor, train_cfg, *, seed: int, stage: int, accelerator,
                 progress=None, log=None, checkpoints=None, engine=None) -> StageStats:
     """Train one stage; with ``checkpoints`` (StageCheckpoints) save every N steps and resume mid-stage.
@@ -87,7 +66,12 @@ def train_stage(model, method, blocks: torch.Tensor, train_cfg, *, seed: int, st
     ga = int(train_cfg.get("grad_accum", 1))
     world = accelerator.num_processes
     per_step = bs * ga * world
-    order = stage_order(blocks.shape[0], steps * per_step, seed, stage)
+    # the method's order (Method.training_order: replay's composed sequence), else the loop's seeded shuffle
+    # (a duck-typed method without the hook, e.g. the bench's probes, gets the shuffle)
+    method_order = getattr(method, "training_order", None)
+    order = method_order(blocks.shape[0], steps * per_step, seed, stage) if method_order else None
+    if order is None:
+        order = stage_order(blocks.shape[0], steps * per_step, seed, stage)
 
     sharded = is_sharded(model)
     if engine is not None:

@@ -78,7 +78,8 @@ def requested_sharding(cfg) -> str:
 
 
 def trains_every_weight(method) -> bool:
-    return getattr(method, "kind", "") == "full_ft" or getattr(method, "base", None) == "full_ft"
+    """The method trains the model's own weights (full FT, and l2 / ewc on it)."""
+    return bool(getattr(method, "trains_every_weight", False))
 
 
 def sharding_mode(cfg, num_processes: int, method=None) -> str:

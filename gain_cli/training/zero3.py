@@ -79,7 +79,7 @@ def ds_config(train_cfg, world: int) -> dict[str, Any]:
 
 def make_engine(model: nn.Module, method, train_cfg, device_type: str, world: int):
     """Partition ``model`` (attached, trainable parts with ``requires_grad``) and return the run's engine."""
-    from gain_cli.training.loop import make_optimizer
+    from gain_cli.training.optim import make_optimizer
 
     if method.regularizes():
         raise GainError(f"method '{method.name}' cannot train with train.sharding=zero3: its penalty is computed "
