@@ -12,7 +12,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from gain_cli.config import compose_config
+from gain_cli.preflight import check_run
+from gain_cli.reporting.report import write_report
 from gain_cli.rundir import RunDir
+from gain_cli.runner import run_experiment
 
 DEMO_RECIPE = "smollm2_8domains"
 DEMO_METHODS = ("gain_ffn", "lora")
@@ -20,12 +24,6 @@ DEMO_METHODS = ("gain_ffn", "lora")
 
 def run_demo(console, methods: Sequence[str] = DEMO_METHODS, overrides: Sequence[str] = (),
              output_root: str = "runs") -> Path:
-    from gain_cli.config import compose_config
-    from gain_cli.reporting.report import write_report
-    from gain_cli.runner import run_experiment
-
-    from gain_cli.preflight import check_run
-
     t0 = time.perf_counter()
     configs = []
     for m in methods:  # every run composed and checked before the first one starts

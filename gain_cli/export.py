@@ -32,6 +32,17 @@ import torch
 from omegaconf import OmegaConf
 
 from gain_cli.errors import GainError, unknown_choice
+from gain_cli.methods import build_method
+from gain_cli.methods.full_ft import FullFT
+from gain_cli.methods.gain import Gain, module_paths
+from gain_cli.methods.ia3 import IA3
+from gain_cli.methods.imsm import Imsm
+from gain_cli.methods.lora import Lora
+from gain_cli.methods.penalties import Penalized
+from gain_cli.models.loading import model_spec
+from gain_cli.models.smollm2 import model_dir
+from gain_cli.outputs import claim_output_dir, write_output_dir
+from gain_cli.rundir import RunDir
 from gain_cli.training.drift import is_drift
 
 FORMATS = ("peft",)
@@ -86,8 +97,6 @@ def base_model_id(cfg) -> tuple[str | None, str]:
         rev = f" (revision {model.revision})" if model.get("revision") else ""
         return str(model.path), f"the pretrained model {model.path}{rev} (model.path of the run)"
     if source == "smollm2":
-        from gain_cli.models.smollm2 import model_dir
-
         path = model_dir(cfg.cache_dir)
         return str(path), f"SmolLM2-135M as gain converted it ({path})"
     return None, ("the run's base model is built by gain from its model config (model.source=config), it has no "
@@ -99,13 +108,6 @@ def adapter_kind(method):
     """(``"gain"``, ``"ia3"`` or ``"lora"``, the method that holds the adapter: ``method`` or, for a method with a
     penalty (ewc / l2, ``method.penalty``), the method under it); a one-line GainError for a method that is not an
     adapter on one model."""
-    from gain_cli.methods.full_ft import FullFT
-    from gain_cli.methods.gain import Gain
-    from gain_cli.methods.ia3 import IA3
-    from gain_cli.methods.imsm import Imsm
-    from gain_cli.methods.lora import Lora
-    from gain_cli.methods.penalties import Penalized
-
     inner = method.inner if isinstance(method, Penalized) else method
     for kind, cls in (("gain", Gain), ("ia3", IA3), ("lora", Lora)):
         if isinstance(inner, cls):
@@ -141,8 +143,6 @@ def _product(states: list[dict[str, torch.Tensor]], transform=lambda t: t) -> di
 def gain_adapter(method, states: list[dict[str, torch.Tensor]]):
     """GAIN stages → one (IA)³ adapter: its modules as feedforward (input-side) modules, the gains multiplied."""
     from peft import IA3Config
-
-    from gain_cli.methods.gain import module_paths
 
     bad = [k for k in states[0] if not k.endswith(".gain")]
     if bad:
@@ -214,11 +214,6 @@ def export_run(run_dir: str | Path, out: str | Path, last: int, first: int | Non
     ``overwrite``; written beside it and moved into place when complete). ``say`` receives what was exported and
     which base model the adapter belongs on."""
     from safetensors.torch import save_file
-
-    from gain_cli.methods import build_method
-    from gain_cli.models.loading import model_spec
-    from gain_cli.outputs import claim_output_dir, write_output_dir
-    from gain_cli.rundir import RunDir
 
     if fmt not in FORMATS:
         raise unknown_choice("--format", fmt, FORMATS)

@@ -10,14 +10,15 @@ import csv
 import errno
 import io
 import json
-import re
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from gain_cli import faults
+from gain_cli.errors import GainError
 
 
 def _fsync_dir(path: Path) -> None:
@@ -71,8 +72,6 @@ def atomic_write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -
     except OSError as exc:
         tmp_path.unlink(missing_ok=True)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            from gain_cli.errors import GainError
-
             raise GainError(f"no space left on the device while writing {path}; the previous version of the file "
                             "is intact: free some space and resume") from exc
         raise
@@ -137,8 +136,6 @@ def read_jsonl_objects(path: str | os.PathLike, what: str, expected: str) -> lis
     (and line) when it is missing, a line is not JSON or not an object, or it holds none; ``what`` names the kind of
     file ("BoolQ file"), ``expected`` what an object needs ("fields question, passage, label")."""
     import json
-
-    from gain_cli.errors import GainError
 
     p = Path(path).expanduser()
     if not p.is_file():

@@ -41,7 +41,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from gain_cli.errors import GainError
+from gain_cli.errors import GainError, unknown_choice
 from gain_cli.models.skeletons import config_without_weights, meta_skeleton
 
 SHARDINGS = ("none", "fsdp", "zero3")
@@ -61,12 +61,12 @@ def _attached(base, config, dtype, method_cfg: Mapping[str, Any], spec) -> tuple
     from gain_cli.methods import build_method
 
     n_base, b_base = sum(p.numel() for p in base.parameters()), _bytes(base.parameters())
-    method = build_method(dict(method_cfg), spec)
     try:
         import warnings
 
         import torch
 
+        method = build_method(dict(method_cfg), spec)
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = method.attach(base)
@@ -76,6 +76,12 @@ def _attached(base, config, dtype, method_cfg: Mapping[str, Any], spec) -> tuple
     except GainError:
         raise
     except Exception:  # noqa: BLE001  (a method that cannot attach to meta tensors)
+        from gain_cli.methods import METHOD_KINDS
+
+        kind = method_cfg.get("kind") or method_cfg.get("name")
+        if kind not in METHOD_KINDS:
+            raise unknown_choice("method kind", kind, METHOD_KINDS) from None
+        method = METHOD_KINDS[kind](dict(method_cfg), spec)  # the class alone: its count needs no attaching
         trainable = method.table_trainable(meta_skeleton(config, dtype))
         added = 0 if method.trains_every_weight else trainable  # GAIN gains / LoRA adapters are fp32
         return trainable, added, 4 * added, "architecture table (attaching on meta failed)"

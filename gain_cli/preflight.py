@@ -23,16 +23,18 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from gain_cli.data.domains import SPLITS, domain_files
 from gain_cli.errors import GainError
+from gain_cli.evaluation.harness import check_task_names
+from gain_cli.memory import check_sequence_lengths
 from gain_cli.models.loading import hub_offline
+from gain_cli.runner import prepare_run_dir, resolve_run_dir
 from gain_cli.training.trackers import requested_trackers
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def check_run(cfg: DictConfig) -> None:
-    from gain_cli.memory import check_sequence_lengths
-
     check_model(cfg.model)
     check_sequence_lengths(cfg)
     _check_harness(cfg)
@@ -43,8 +45,6 @@ def check_run(cfg: DictConfig) -> None:
 
 def check_eval(cfg: DictConfig) -> None:
     """``gain eval`` of a model config or directory: the model's files, the block length, the task names."""
-    from gain_cli.memory import check_sequence_lengths
-
     check_model(cfg.model)
     check_sequence_lengths(cfg, ("eval.block_size",))
     _check_harness(cfg)
@@ -54,8 +54,6 @@ def check_eval(cfg: DictConfig) -> None:
 def _check_harness(cfg: DictConfig) -> None:
     harness = cfg.eval.get("harness") or {}
     if harness.get("enabled"):
-        from gain_cli.evaluation.harness import check_task_names
-
         check_task_names(harness.get("tasks") or [])
 
 
@@ -96,7 +94,6 @@ def check_domain_files(domains_cfg) -> None:
     """``source=files`` builds nothing: each domain's train and validation files must be there now."""
     if domains_cfg.get("source") != "files":
         return
-    from gain_cli.data.domains import SPLITS, domain_files
 
     root = Path(os.path.expanduser(str(domains_cfg.root)))
     for name in domains_cfg.sequence:
@@ -109,8 +106,6 @@ def check_domain_files(domains_cfg) -> None:
 
 
 def check_run_location(cfg: DictConfig) -> None:
-    from gain_cli.runner import prepare_run_dir, resolve_run_dir
-
     if cfg.get("resume") and not cfg.get("run_dir") and not cfg.get("run_name"):
         return  # the latest run under output_root, found (or refused) when the run starts
     prepare_run_dir(cfg, resolve_run_dir(cfg))

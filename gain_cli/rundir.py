@@ -26,13 +26,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from gain_cli.errors import GainError
 from gain_cli.io import atomic_write_json, read_json
-from gain_cli.training.drift import is_drift
+
+if TYPE_CHECKING:
+    import torch
 
 CONFIG = "config.yaml"
 INFO = "run_info.json"
@@ -158,12 +158,15 @@ class RunDir:
     def is_drift(self) -> bool:
         """The run trains with ``train.domain_schedule=drift`` (each saved state is the whole run up to its segment,
         on the pretrained model)."""
+        from gain_cli.training.drift import is_drift  # it imports torch, which reading a run's results does not need
+
         cfg = self.config()
         return cfg is not None and is_drift(cfg)
 
     # --- the saved stages ---------------------------------------------------------------------
     def load_state(self, k: int, device="cpu") -> dict[str, torch.Tensor]:
         """Stage k's saved method state (full tensors)."""
+        import torch
         from safetensors.torch import load_file
 
         path = self.state_path(k)
@@ -191,7 +194,7 @@ class RunDir:
         """(model after stage ``k`` with the run's method applied, tokenizer, method): the base model for k = 0."""
         from omegaconf import OmegaConf
 
-        from gain_cli.methods import build_method
+        from gain_cli.methods import build_method  # (torch, transformers, PEFT: not for reading results)
         from gain_cli.models.loading import load_model, model_spec
 
         model, tokenizer = load_model(cfg.model, cfg.cache_dir)

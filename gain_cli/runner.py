@@ -24,16 +24,52 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from gain_cli import faults, interrupts
+from gain_cli.architectures import num_layers
 from gain_cli.config import config_differences, config_hash, to_yaml
+from gain_cli.data.domains import DomainData, ensure_domains
 from gain_cli.errors import GainError
-from gain_cli.io import atomic_save_safetensors, atomic_write_json, atomic_write_text, read_json
+from gain_cli.evaluation.harness import LM_EVAL_DIR, run_harness
+from gain_cli.evaluation.perplexity import evaluate_blocks, forward_tokens_per_s
+from gain_cli.io import (
+    atomic_save_safetensors,
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+)
+from gain_cli.methods import build_method
+from gain_cli.methods.base import StageContext
+from gain_cli.models.compiling import CompileDecision, decide_compile
+from gain_cli.models.flops import ForwardCounter, flops_per_token, matmul_shapes
+from gain_cli.models.loading import load_model, model_spec
+from gain_cli.outputs import check_creatable
 from gain_cli.progress import Phase, RunClock
-from gain_cli.reporting.matrices import row_stage, stage_label
+from gain_cli.reporting.matrices import (
+    HARNESS_METRICS,
+    harness_matrix_name,
+    row_stage,
+    stage_label,
+    write_matrix,
+)
+from gain_cli.reporting.timing import RunTiming
 from gain_cli.rundir import STATE_FILE, TRAIN_FILE, RunDir, saved_stages_to_apply
-from gain_cli.training.drift import is_drift
-from gain_cli.training.sharding import sharding_mode
-
-
+from gain_cli.threads import threads_for_run, threads_for_stage
+from gain_cli.training.accelerator import make_accelerator
+from gain_cli.training.checkpoint import StageCheckpoints
+from gain_cli.training.drift import (
+    CHECKPOINT_DIR,
+    SHARDING_REFUSAL,
+    DriftTrainer,
+    is_drift,
+)
+from gain_cli.training.loop import train_stage
+from gain_cli.training.sharding import (
+    hf_model,
+    local_parameter_bytes,
+    shard_model,
+    sharding_mode,
+)
+from gain_cli.training.trackers import Trackers
+from gain_cli.training.zero3 import make_engine
 
 # --- run directory ---------------------------------------------------------------------------
 
@@ -81,8 +117,6 @@ def seed_everything(seed: int) -> None:
 # --- results ---------------------------------------------------------------------------------
 
 def write_matrices(run_dir: Path, domains: list[str]) -> None:
-    from gain_cli.reporting.matrices import write_matrix
-
     rows = RunDir(run_dir).rows()
     if not rows:
         return
@@ -91,7 +125,6 @@ def write_matrices(run_dir: Path, domains: list[str]) -> None:
     tasks = list(rows[0].get("harness", {}) or {})
     if not tasks:
         return
-    from gain_cli.reporting.matrices import HARNESS_METRICS, harness_matrix_name
 
     for metric in HARNESS_METRICS:  # acc always; acc_stderr, acc_norm, acc_norm_stderr where a task reports them
         if metric == "acc" or any(metric in ((r.get("harness") or {}).get(t) or {}) for r in rows for t in tasks):
@@ -105,8 +138,6 @@ COMPILE_KEYS = {"train": "train.compile", "eval": "eval.compile"}
 def _initial_compile(cfg: DictConfig, device) -> dict[str, Any]:
     """train.compile / eval.compile before the work ahead is known: ``true`` checked now (a machine that cannot build
     compiled kernels says so before any work), ``false`` and ``auto`` eager until ``Experiment.plan_compile``."""
-    from gain_cli.models.compiling import CompileDecision, decide_compile
-
     out = {}
     for kind, key in COMPILE_KEYS.items():
         setting = OmegaConf.select(cfg, key, default=False)
@@ -121,18 +152,12 @@ class Experiment:
     """Holds what every stage shares: config, accelerator, tokenizer, data, method."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path, console=None, accelerator=None):
-        from gain_cli.data.domains import DomainData, ensure_domains
-        from gain_cli.methods import build_method
-        from gain_cli.models.loading import load_model, model_spec
-        from gain_cli.training.accelerator import make_accelerator
-
         self.cfg, self.run_dir, self.console = cfg, run_dir, console
         self.rd = RunDir(run_dir)  # its layout
         self.drift = is_drift(cfg)  # train.domain_schedule=drift: one continuous run (gain_cli.training.drift)
         self.drift_trainer = None  # its trainer, made when its first segment is needed
         self.accelerator = accelerator if accelerator is not None else make_accelerator(cfg)
         self.compile = _initial_compile(cfg, self.accelerator.device)  # decided for the work ahead: plan_compile
-        from gain_cli.threads import threads_for_run
 
         threads, why = threads_for_run(cfg.train.get("threads"))  # train.threads, else the CLI's start-up choice
         if threads:
@@ -150,7 +175,6 @@ class Experiment:
             self.data = DomainData(domains, self.tokenizer, cfg.cache_dir)
             self.sharding = sharding_mode(cfg, self.accelerator.num_processes, self.method)
             if self.drift and self.sharding != "none":  # train.sharding=auto chose sharding: refused before the run
-                from gain_cli.training.drift import SHARDING_REFUSAL
 
                 raise GainError(f"{SHARDING_REFUSAL} (train.sharding={cfg.train.get('sharding')} → {self.sharding})")
             if not self.sharded:  # sharded: fully_shard moves each process's shards to its device
@@ -173,11 +197,6 @@ class Experiment:
     def plan_compile(self, stages_left: int, rows_left: int) -> None:
         """Decide ``auto`` compiling for the rest of the run from the work ahead, measured by ``estimate_runtime`` on
         the main process (``clock.guess``), the same on every process; log every decision."""
-        from gain_cli.models.compiling import decide_compile
-
-        from gain_cli.architectures import num_layers
-        from gain_cli.training.sharding import hf_model
-
         cfg, device = self.cfg, self.accelerator.device
         layers = num_layers(hf_model(self.model).config, self.spec)  # the config: a PEFT or FSDP wrapper hides module paths
         refused = {"train": "train.sharding=zero3 trains eager (DeepSpeed's hooks)" if self.sharding == "zero3" else None,
@@ -204,8 +223,6 @@ class Experiment:
         if self.timing is not None:
             from collections import Counter
 
-            from gain_cli.models.flops import matmul_shapes
-
             shapes = Counter((i, o) for i, o, _ in matmul_shapes(self.model))  # for the matmul peak (gain bench --runs)
             self.timing.write(self.run_dir, status=status, threads=torch.get_num_threads(),
                               compile={k: d.line(COMPILE_KEYS[k]) for k, d in self.compile.items()},
@@ -215,8 +232,6 @@ class Experiment:
     def recheck_threads(self) -> None:
         """At a stage's start: the thread count follows the machine's load (gain_cli.threads) unless the user or a
         launcher fixed it."""
-        from gain_cli.threads import threads_for_stage
-
         change = None if self.cfg.train.get("threads") else threads_for_stage(torch.get_num_threads())
         if change is not None:
             torch.set_num_threads(change[0])
@@ -236,13 +251,10 @@ class Experiment:
     def _shard(self) -> None:
         """Attach the method once (its identity: gains of one, LoRA B = 0) and shard the model per decoder layer;
         each stage then reopens the method in place (gain_cli.training.sharding)."""
-        from gain_cli.training.sharding import local_parameter_bytes, shard_model
-
         acc = self.accelerator
         self.method.check_shardable()
         self.model = self.method.attach(self.model)
         if self.sharding == "zero3":  # one engine for the run; its optimiser holds the trainable parameters
-            from gain_cli.training.zero3 import make_engine
 
             self.engine = make_engine(self.model, self.method, self.cfg.train, acc.device.type, acc.num_processes)
             how, detail = "DeepSpeed ZeRO-3", "every parameter partitioned"
@@ -282,8 +294,6 @@ class Experiment:
                      overall, **fields)
 
     def evaluate(self, row: str, model=None) -> dict[str, Any]:
-        from gain_cli.evaluation.perplexity import evaluate_blocks
-
         model = model if model is not None else self.model
         # block_nll: the NLL sum of each validation block (eval_tokens / blocks predicted tokens each), kept for
         # the confidence intervals of every perplexity and metric (gain_cli.reporting.uncertainty)
@@ -297,7 +307,6 @@ class Experiment:
                 out["block_nll"][d] = r.block_nll
                 ph.update(advance=1)
         out["eval_seconds"] = round(ph.seconds, 3)
-        from gain_cli.models.flops import flops_per_token
 
         positions = sum(int(b.numel()) for b in self.eval_blocks.values())
         self.record("perplexity", ph.seconds, positions,
@@ -305,7 +314,6 @@ class Experiment:
         harness_cfg = self.cfg.eval.get("harness")
         if harness_cfg is not None and harness_cfg.get("enabled"):
             tasks = ", ".join(str(t) for t in harness_cfg.get("tasks") or [])
-            from gain_cli.models.flops import ForwardCounter
 
             with self.phase(row, f"lm-eval ({tasks})") as ph, ForwardCounter(model) as counted:
                 out["harness"] = self._harness(model, harness_cfg, row)
@@ -314,8 +322,6 @@ class Experiment:
         return out
 
     def _harness(self, model, harness_cfg, row: str) -> dict[str, Any]:
-        from gain_cli.evaluation.harness import LM_EVAL_DIR, run_harness
-
         result: dict[str, Any] = {}
         if self.is_main or self.sharded:
             # sharded: every forward needs every process, so all of them run the same items in the same batches
@@ -352,26 +358,21 @@ class Experiment:
             self.apply_trained_stage(k)
 
     def train_stage(self, k: int, domain: str, progress_cb: Callable | None = None) -> dict[str, Any]:
-        from gain_cli.training.loop import train_stage
-
         if self.drift:
             return self.train_segment(k, domain, progress_cb)
         cfg = self.cfg
         seed_everything(int(cfg.seed) * 1000 + k)  # adapter init / dropout of stage k depend only on (seed, k)
-        from gain_cli.methods.base import StageContext
 
         if self.sharded:
             self.method.open_sharded_stage(self.model)
         else:
             self.model = self.method.attach(self.model)
         n_trainable = self.method.count_trainable(self.model)
-        from gain_cli.models.flops import flops_per_token
 
         self.train_flops_per_token = flops_per_token(self.model, int(cfg.train.seq_len), training=True)["total"]
         ctx = StageContext(stage=k, domain=domain, earlier=self.domains[: k - 1], data=self.data,
                            train_cfg=cfg.train, seed=int(cfg.seed), accelerator=self.accelerator)
         blocks = self.method.stage_blocks(ctx)
-        from gain_cli.training.checkpoint import StageCheckpoints
 
         ckpts = StageCheckpoints(self.stage_dir(k), cfg.train.get("checkpoint_every"), self.is_main)
         resumed_from = ckpts.saved_step()
@@ -434,13 +435,10 @@ class Experiment:
         """The drift run's trainer, made once: the method attached once to the pretrained model, one optimiser and
         schedule, continued from the run's checkpoint when there is one. ``trained``: segment k was trained and
         saved before the run stopped (the checkpoint must be at its end)."""
-        from gain_cli.training.drift import CHECKPOINT_DIR, DriftTrainer
-
         if self.drift_trainer is None:
             cfg = self.cfg
             seed_everything(int(cfg.seed) * 1000 + 1)  # the method's init: as a staged run's stage 1
             self.model = self.method.attach(self.model)
-            from gain_cli.models.flops import flops_per_token
 
             self.train_flops_per_token = flops_per_token(self.model, int(cfg.train.seq_len), training=True)["total"]
             blocks = [self.data.blocks(d, "train", int(cfg.train.seq_len)) for d in self.domains]
@@ -460,9 +458,6 @@ class Experiment:
         return tr
 
     def _drift_checkpoints(self):
-        from gain_cli.training.checkpoint import StageCheckpoints
-        from gain_cli.training.drift import CHECKPOINT_DIR
-
         return StageCheckpoints(self.run_dir / CHECKPOINT_DIR, self.cfg.train.get("checkpoint_every"), self.is_main)
 
     def train_segment(self, k: int, domain: str, progress_cb: Callable | None = None) -> dict[str, Any]:
@@ -485,8 +480,6 @@ class Experiment:
     def finish_drift(self) -> None:
         """Every segment evaluated: the run's trainer checkpoint is not needed any more."""
         import shutil
-
-        from gain_cli.training.drift import CHECKPOINT_DIR
 
         if self.drift and self.is_main:
             shutil.rmtree(self.run_dir / CHECKPOINT_DIR, ignore_errors=True)
@@ -532,8 +525,6 @@ def run_info(cfg: DictConfig, accelerator, status: str, started: str | None = No
 def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
     """Check a run directory against the config: new, or resumable with the same config; and that it can be
     written (a file in its place, or an existing ancestor that is a file or read-only, is one line)."""
-    from gain_cli.outputs import check_creatable
-
     if run_dir.exists() and not run_dir.is_dir():
         raise GainError(f"run directory {run_dir} is a file, not a directory (choose another run_dir/run_name)")
     check_creatable(run_dir, f"run directory {run_dir}", " (choose another run_dir or output_root)")
@@ -582,10 +573,6 @@ def check_same_processes(cfg: DictConfig, run_dir: Path, num_processes: int) -> 
 
 def run_experiment(cfg: DictConfig, console=None, on_event: Callable[[str, dict], None] | None = None) -> Path:
     """Run (or resume) the experiment described by cfg; return the run directory."""
-    from gain_cli.training.accelerator import make_accelerator
-
-    from gain_cli.reporting.timing import RunTiming
-
     timing = RunTiming()  # the wall time of this session starts here: loading and converting are part of it
     acc = make_accelerator(cfg)
 
@@ -611,7 +598,6 @@ def run_experiment(cfg: DictConfig, console=None, on_event: Callable[[str, dict]
         if exp.is_main:
             atomic_write_text(rd.config_path, to_yaml(cfg))
             atomic_write_json(rd.info_path, run_info(cfg, acc, "running", started, exp))
-        from gain_cli.training.trackers import Trackers
 
         exp.trackers = Trackers(acc, cfg, run_dir)
         try:
@@ -725,7 +711,6 @@ def estimate_runtime(exp: Experiment, stages_left: int, base_missing: bool) -> s
     """A rough time estimate from one measured forward pass (printed before the work starts)."""
     cfg = exp.cfg
     blocks = next(iter(exp.eval_blocks.values()))[: int(cfg.eval.batch_size)].to(exp.accelerator.device)
-    from gain_cli.evaluation.perplexity import forward_tokens_per_s
 
     fwd_tps = forward_tokens_per_s(exp.model, blocks)
     eval_tokens = sum(b.numel() for b in exp.eval_blocks.values())

@@ -28,8 +28,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from gain_cli.analysis.paper_figures import paper_figures
+from gain_cli.config import compose_config, group_choices
 from gain_cli.errors import GainError, unknown_choice
+from gain_cli.preflight import check_run
+from gain_cli.reporting import study_report
 from gain_cli.rundir import STATE_FILE, TRAIN_FILE, RunDir
+from gain_cli.runner import run_experiment
 
 SIZES = {"default": "smollm2_study", "tiny": "tiny_study"}
 SWEEPS = ("lr-select", "lora-lr")
@@ -76,8 +81,6 @@ def _number_list(value: Any, where: str) -> list[float]:
 
 def study_spec(cfg: DictConfig) -> StudySpec:
     """Read and check the ``study:`` block of a composed study recipe (GainError naming the bad key)."""
-    from gain_cli.config import group_choices
-
     raw = cfg.get("study")
     if raw is None:
         raise GainError(f"recipe '{cfg.recipe}' has no study: block (study recipes: {', '.join(SIZES.values())})")
@@ -220,10 +223,6 @@ def run_study(console, size: str = "default", sweep: str | None = None, override
               run: Callable[[DictConfig, Any, Callable], Path] | None = None) -> Path:
     """Run (or resume) a study or one of its sweeps; return its report (``report.md``). ``run_missing=False``: only
     write the report, from the runs that are finished (the others are named in it)."""
-    from gain_cli.config import compose_config
-    from gain_cli.preflight import check_run
-    from gain_cli.runner import run_experiment
-
     if size not in SIZES:
         raise unknown_choice("--size", size, list(SIZES))
     recipe = SIZES[size]
@@ -254,7 +253,6 @@ def run_study(console, size: str = "default", sweep: str | None = None, override
     console.print(f"{what} runs finished in {seconds / 60:.1f} min", highlight=False)
     if not report:
         return root
-    from gain_cli.reporting import study_report
 
     if sweep == "lr-select":
         path = study_report.write_lr_selection(runs, spec, root / "lr_select")
@@ -263,8 +261,6 @@ def run_study(console, size: str = "default", sweep: str | None = None, override
                      if r.method.startswith("gain") and _complete(r.run_dir)]
         path = study_report.write_lora_lr_sweep(runs, main_runs, spec, root / "lora_lr")
     else:
-        from gain_cli.analysis.paper_figures import paper_figures
-
         path = study_report.write_study_report(runs, spec, root / "report", base_cfg, paper_figures)
     console.print(f"report: {path}", highlight=False)
     return path

@@ -226,10 +226,13 @@ def test_merge_equals_adapted_model_and_reloads(key, model_type, tmp_path):
     merged = method.merge(model)
     assert_plain(merged)
     assert set(merged.state_dict()) == keys  # the plain HF layout
-    assert (logits(merged, ids) - adapted).abs().max() <= 1e-5
+    # DoRA's merge divides by the norm of W + ΔW per row, computed in another order than its forward: fp32 rounding
+    # of up to ~2e-5 was seen on some thread counts
+    tol = 1e-4 if key == "dora" else 1e-5
+    assert (logits(merged, ids) - adapted).abs().max() <= tol
     merged.save_pretrained(tmp_path, safe_serialization=True)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert (logits(reloaded, ids) - adapted).abs().max() <= 1e-5
+    assert (logits(reloaded, ids) - adapted).abs().max() <= tol
 
 
 @pytest.mark.parametrize("model_type", MODELS)

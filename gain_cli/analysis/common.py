@@ -9,7 +9,13 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from gain_cli.data.domains import DomainData, ensure_domains
 from gain_cli.errors import GainError
+from gain_cli.evaluation.perplexity import block_nll, evaluate_blocks
+from gain_cli.io import atomic_write_json
+from gain_cli.methods import build_method
+from gain_cli.models.loading import load_model, model_spec
+from gain_cli.reporting.figures import save_figure as save
 from gain_cli.rundir import RunDir
 
 
@@ -34,9 +40,6 @@ class OpenRun:
 
 
 def open_run(run_dir: str | Path) -> OpenRun:
-    from gain_cli.data.domains import DomainData, ensure_domains
-    from gain_cli.methods import build_method
-    from gain_cli.models.loading import load_model, model_spec
     run_dir = Path(run_dir)
     rd = RunDir(run_dir)
     cfg = rd.require_run()
@@ -95,15 +98,11 @@ def delta(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, t
 
 
 def mean_loss(model, blocks: torch.Tensor, batch_size: int = 8) -> float:
-    from gain_cli.evaluation.perplexity import evaluate_blocks
-
     return evaluate_blocks(model, blocks, batch_size).loss
 
 
 @torch.inference_mode()
 def token_losses(model, blocks: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-    from gain_cli.evaluation.perplexity import block_nll
-
     model.eval()
     return torch.cat([block_nll(model, blocks[i:i + batch_size]).flatten() for i in range(0, len(blocks), batch_size)])
 
@@ -120,9 +119,6 @@ def plt():
 def save_figure(fig, out_dir: Path, name: str, data) -> Path:
     """Write ``<name>.png`` (also as ``.svg`` and ``.pdf``: ``reporting.figures.save_figure``) and ``<name>.json``
     (the plotted numbers) atomically; return the PNG path."""
-    from gain_cli.io import atomic_write_json
-    from gain_cli.reporting.figures import save_figure as save
-
     png = save(fig, Path(out_dir) / f"{name}.png", dpi=120, bbox_inches=None)
     plt().close(fig)
     atomic_write_json(Path(out_dir) / f"{name}.json", data)

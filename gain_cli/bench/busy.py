@@ -51,7 +51,10 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from gain_cli.bench.training import train_cfg
+from gain_cli.config import compose_config
 from gain_cli.errors import GainError
+from gain_cli.threads import choose
 
 WORKLOADS = ("train", "perplexity")
 
@@ -195,9 +198,6 @@ def _child_spec(model_cfg: dict, cache_dir: str, s) -> dict[str, Any]:
 
     from omegaconf import OmegaConf
 
-    from gain_cli.bench.training import train_cfg
-    from gain_cli.config import compose_config
-
     method_cfg = OmegaConf.to_container(compose_config(["method=gain_ffn"], None).method, resolve=True)
     return {"model_cfg": model_cfg, "cache_dir": cache_dir, "seed": int(s.seed), "method_cfg": method_cfg,
             "train_cfg": train_cfg(replace(s, mixed_precision="no", train_compile=False), int(s.busy_train_steps)),
@@ -217,8 +217,6 @@ def _busy_timeout(s, deadline: float) -> float | None:
 def bench_busy(model_cfg: dict, cache_dir: str, s, log=print) -> dict[str, Any]:
     """Tokens/s of training and perplexity idle, and under ``s.busy_loops`` busy loops with the old fixed and the
     adaptive thread setting, with the fractions of idle speed; see the module doc (and its bench.json keys)."""
-    from gain_cli.threads import choose
-
     check_busy_settings(s)
     t_start = time.perf_counter()
     cores = _cores()

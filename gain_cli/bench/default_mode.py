@@ -21,14 +21,16 @@ from typing import Any
 
 import torch
 
+from gain_cli.architectures import decoder_layers
 from gain_cli.bench.timing import median, paired_ratio, rel_diff
+from gain_cli.bench.training import fresh, run_ours, run_trainer, trainer_rows
+from gain_cli.evaluation.perplexity import forward_tokens_per_s
+from gain_cli.models.compiling import decide_compile
 
 
 def step_seconds_estimate(model, blocks: torch.Tensor) -> float:
     """A training step's seconds as a run estimates them before it starts (``gain_cli.runner.estimate_runtime``):
     one timed forward of the batch, a training token costing 3 forward tokens."""
-    from gain_cli.evaluation.perplexity import forward_tokens_per_s
-
     return 3.0 * blocks.numel() / forward_tokens_per_s(model, blocks)
 
 
@@ -36,14 +38,10 @@ def bench_default_mode(base_model, spec, method_cfgs: dict[str, dict], blocks: t
                        log=print) -> dict[str, Any]:
     """{method: ours (auto, decided from a timed forward as a run decides) vs the Trainer's default over one
     ``s.default_steps`` stage at ``s.default_batch`` × ``s.default_seq``}."""
-    from gain_cli.bench.training import fresh, run_ours, run_trainer, trainer_rows
-    from gain_cli.models.compiling import decide_compile
-
     s = replace(s, train_batch=s.default_batch or s.train_batch, train_seq=s.default_seq or s.train_seq)
     steps = s.default_steps
     if blocks.shape[1] != s.train_seq:
         raise ValueError(f"default mode: blocks of {blocks.shape[1]} tokens, settings say {s.train_seq}")
-    from gain_cli.architectures import decoder_layers
 
     layers = len(decoder_layers(base_model, spec))
     rows = trainer_rows(blocks, s, steps)

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from gain_cli.bench.probes import MatmulProbe
 from gain_cli.errors import GainError
 from gain_cli.reporting.timing import PHASES, read_timing, time_shares
 from gain_cli.rundir import TIMING_FILE
@@ -22,8 +23,6 @@ PEAK_MIN_TOKENS = 2048
 
 
 def end_to_end(run_dirs: list[Path], out: Path | None = None, console=None, probe_repeats: int = 5) -> dict[str, Any]:
-    from gain_cli.bench.probes import MatmulProbe
-
     timings = []
     for d in run_dirs:
         t = read_timing(d)

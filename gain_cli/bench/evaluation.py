@@ -21,13 +21,33 @@ from typing import Any
 
 import torch
 
-from gain_cli.bench.timing import interleaved, median, paired_ratio, rel_diff, spread, timed
+from gain_cli.bench.timing import (
+    interleaved,
+    median,
+    paired_ratio,
+    rel_diff,
+    spread,
+    timed,
+)
+from gain_cli.errors import GainError
+from gain_cli.evaluation.harness import (
+    BOOLQ_CHOICES,
+    BUILTIN_BOOLQ,
+    TARGET_DELIMITER,
+    HarnessModelAdapter,
+    _HFLMFactory,
+    _quiet_lmeval,
+    boolq_prompt,
+    harness_results,
+    load_boolq_jsonl,
+    run_harness,
+    score_yes_no,
+)
+from gain_cli.evaluation.perplexity import block_nll, evaluate_blocks
 
 
 def bench_lm(model, tokenizer, batch_size: int, max_length: int | None = None, dtype: torch.dtype | None = None):
     """lm-eval's HFLM around the model object (as gain's harness builds it), progress bars off."""
-    from gain_cli.evaluation.harness import HarnessModelAdapter, _HFLMFactory, _quiet_lmeval
-
     base = _HFLMFactory.get()
 
     class BenchHFLM(base):
@@ -60,8 +80,6 @@ def matched_windows(lm, tokenizer, stream, block: int, n: int) -> tuple[list[str
         if len(texts) == n:
             break
     if not texts:
-        from gain_cli.errors import GainError
-
         raise GainError("no block of the benchmark text re-encodes to the same token ids; cannot match lm-eval's windows")
     return texts, torch.tensor(rows, dtype=torch.long), skipped
 
@@ -74,8 +92,6 @@ def rolling_requests(texts: list[str]):
 
 @torch.inference_mode()
 def per_window_nll(model, blocks: torch.Tensor, batch_size: int, autocast_dtype=None) -> list[float]:
-    from gain_cli.evaluation.perplexity import block_nll
-
     model.eval()
     out: list[float] = []
     for i in range(0, blocks.shape[0], batch_size):
@@ -92,8 +108,6 @@ def rates_vs_lm_eval(ours: list[float], lm_eval: list[float]) -> dict[str, Any]:
 
 
 def bench_perplexity(model, tokenizer, stream, s, repeats: int, log=print) -> dict[str, Any]:
-    from gain_cli.evaluation.perplexity import evaluate_blocks
-
     lm = bench_lm(model, tokenizer, s.eval_batch, max_length=s.eval_seq)
     texts, blocks, skipped = matched_windows(lm, tokenizer, stream, s.eval_seq, s.eval_windows)
     reqs = rolling_requests(texts)
@@ -145,9 +159,6 @@ def _lm_eval_choices(results: dict[str, Any]) -> list[int]:
 
 
 def bench_boolq(model, tokenizer, s, repeats: int, workdir: Path, log=print) -> dict[str, Any]:
-    from gain_cli.evaluation.harness import (BOOLQ_CHOICES, BUILTIN_BOOLQ, TARGET_DELIMITER, boolq_prompt,
-                                             harness_results, load_boolq_jsonl, run_harness, score_yes_no)
-
     items = load_boolq_jsonl(BUILTIN_BOOLQ)
     if s.boolq_items:
         items = items[: s.boolq_items]

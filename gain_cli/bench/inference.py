@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from gain_cli.bench.timing import interleaved, median
+from gain_cli.methods import build_method
 
 
 def _forward_time(model, ids: torch.Tensor, n: int) -> float:
@@ -28,8 +29,6 @@ def _forward_time(model, ids: torch.Tensor, n: int) -> float:
 
 
 def bench_inference(base_model, spec, method_cfg: dict, ids: torch.Tensor, s, repeats: int, log=print) -> dict[str, Any]:
-    from gain_cli.methods import build_method
-
     method = build_method(method_cfg, spec)
     wrapped = method.attach(copy.deepcopy(base_model)).eval()
     g = torch.Generator().manual_seed(s.seed)

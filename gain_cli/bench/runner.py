@@ -19,10 +19,21 @@ from typing import Any
 
 import torch
 
+from gain_cli.bench.busy import bench_busy
+from gain_cli.bench.default_mode import bench_default_mode
+from gain_cli.bench.evaluation import bench_boolq, bench_perplexity
+from gain_cli.bench.inference import bench_inference
+from gain_cli.bench.probes import MatmulProbe
 from gain_cli.bench.settings import BenchSettings, bench_settings
+from gain_cli.bench.threads import bench_threads
 from gain_cli.bench.timing import rel_diff
+from gain_cli.bench.training import bench_training
+from gain_cli.config import compose_config, group_choices
+from gain_cli.data.domains import DomainData, ensure_domains
 from gain_cli.errors import GainError
 from gain_cli.models.compiling import compile_unavailable
+from gain_cli.models.flops import flops_per_token
+from gain_cli.models.loading import load_model, model_spec
 
 TARGETS = {"training_ratio_min": 1.2, "perplexity_ratio_min": 1.5, "merged_inference_ratio_max": 1.02,
            "busy_adaptive_of_idle_min": 1 / 3}
@@ -43,8 +54,6 @@ def _cpu_name() -> str:
 def _configs(s: BenchSettings) -> tuple[dict, dict, dict[str, dict], str]:
     """(model config, domains config, {method: config}, cache dir) from the project's configs."""
     from omegaconf import OmegaConf
-
-    from gain_cli.config import compose_config, group_choices
 
     model_over = [f"model={s.model}", *s.model_overrides] if s.model in group_choices("model") else []
     cfg = compose_config([*model_over, "domains=tiny8"], None)
@@ -85,9 +94,6 @@ def _run(s: BenchSettings, out: Path, repeats: int, console, log) -> dict[str, A
     t_start = time.perf_counter()
     load_before = os.getloadavg()
 
-    from gain_cli.data.domains import DomainData, ensure_domains
-    from gain_cli.models.loading import load_model, model_spec
-
     s, why = skip_uncompilable(s, log)
     model_cfg, domains_cfg, method_cfgs, cache_dir = _configs(s)
     domains_cfg["sequence"] = [s.domain]
@@ -100,12 +106,6 @@ def _run(s: BenchSettings, out: Path, repeats: int, console, log) -> dict[str, A
     heldout = data.blocks(s.domain, "validation", s.train_seq)[: s.train_batch]
     if train_blocks.shape[0] < s.train_batch:
         raise GainError(f"domain '{s.domain}' has only {train_blocks.shape[0]} training blocks")
-
-    from gain_cli.bench.evaluation import bench_boolq, bench_perplexity
-    from gain_cli.bench.inference import bench_inference
-    from gain_cli.bench.probes import MatmulProbe
-    from gain_cli.models.flops import flops_per_token
-    from gain_cli.bench.training import bench_training
 
     result: dict[str, Any] = {
         "size": s.size, "repeats": repeats, "settings": s.to_dict(),
@@ -142,7 +142,6 @@ def _run(s: BenchSettings, out: Path, repeats: int, console, log) -> dict[str, A
     if s.default_steps and default_methods:
         seq = s.default_seq or s.train_seq
         log(f"default mode: a {s.default_steps}-step stage, ours with train.compile=auto vs the Trainer's default")
-        from gain_cli.bench.default_mode import bench_default_mode
 
         result["default_mode"] = bench_default_mode(model, spec, default_methods, data.blocks(s.domain, "train", seq),
                                                     s, repeats, log=log)
@@ -164,12 +163,10 @@ def _run(s: BenchSettings, out: Path, repeats: int, console, log) -> dict[str, A
 
     if s.thread_probe:
         log("thread settings (subprocesses)")
-        from gain_cli.bench.threads import bench_threads
 
         result["threads"] = bench_threads(model_cfg, cache_dir, s, log=log)
     if s.busy_probe:
         log(f"busy machine: train and perplexity under {s.busy_loops} busy loops, old vs adaptive threads")
-        from gain_cli.bench.busy import bench_busy
 
         result["busy_machine"] = bench_busy(model_cfg, cache_dir, s, log=log)
     result["machine"]["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -208,15 +205,9 @@ def run_section(section: str, size: str, out: str | Path, repeats: int, console=
                                           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
                                           "loadavg_start": [round(x, 2) for x in os.getloadavg()]}}
     if section == "busy":
-        from gain_cli.bench.busy import bench_busy
-
         result["busy_machine"] = bench_busy(model_cfg, cache_dir, s, log=log)
         rows = busy_rows(result)
     else:
-        from gain_cli.bench.default_mode import bench_default_mode
-        from gain_cli.data.domains import DomainData, ensure_domains
-        from gain_cli.models.loading import load_model, model_spec
-
         domains_cfg["sequence"] = [s.domain]
         domains = ensure_domains(domains_cfg, cache_dir, log=log)
         model, tokenizer = load_model(model_cfg, cache_dir)

@@ -23,6 +23,9 @@ from typing import Any
 import torch
 
 from gain_cli.bench.timing import median, paired_ratio, rel_diff, spread
+from gain_cli.methods import build_method
+from gain_cli.models.flops import flops_per_token
+from gain_cli.training.loop import stage_order, train_stage
 
 
 class OrderedBlocks(torch.utils.data.Dataset):
@@ -47,8 +50,6 @@ def train_cfg(s, steps: int) -> dict[str, Any]:
 
 def fresh(base_model, method_cfg: dict, spec, seed: int):
     """(model copy with the method attached, method) — same seed, so both sides start identical."""
-    from gain_cli.methods import build_method
-
     method = build_method(method_cfg, spec)
     torch.manual_seed(seed)
     model = method.attach(copy.deepcopy(base_model))
@@ -87,9 +88,6 @@ def _quiet_transformers():
 
 def run_ours(model, method, blocks: torch.Tensor, s, steps: int) -> dict[str, Any]:
     from accelerate import Accelerator
-
-    from gain_cli.training.loop import train_stage
-
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)  # as TrainingArguments does: a fresh state per stage
@@ -118,8 +116,6 @@ def _step_timer():
 
 def trainer_rows(blocks: torch.Tensor, s, steps: int) -> torch.Tensor:
     """Our loop's blocks in our loop's order, for the Trainer's sequential sampler."""
-    from gain_cli.training.loop import stage_order
-
     return blocks[stage_order(blocks.shape[0], steps * s.train_batch, s.seed, 1)]
 
 
@@ -165,8 +161,6 @@ def bench_training(base_model, spec, method_cfgs: dict[str, dict], blocks: torch
                    s, repeats: int, probe, log=print) -> dict[str, Any]:
     """{method: {...}} plus the matmul probe's per-repeat rates; see the module doc."""
     import gc
-
-    from gain_cli.models.flops import flops_per_token
 
     steps = s.train_steps
     rows = trainer_rows(blocks, s, steps)

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from gain_cli.data import demo_fetch as F
+from gain_cli.data.demo_text import digest
 from gain_cli.errors import GainError
 
 FORTUNES_PACKAGES = ("fortunes-min", "fortunes")   # fortunes-min has literature; fortunes the rest
@@ -73,8 +74,6 @@ def cloze_text(passage: str, min_words: int = MIN_WORDS, max_words: int = MAX_WO
 
 def select_cloze(texts: Iterable[str], n: int = CLOZE_ITEMS) -> list[dict]:
     """Deduplicated (case and spacing ignored), at most ``n``, ordered by a salted hash: ``{"text", "idx"}``."""
-    from gain_cli.data.demo_text import digest
-
     seen, unique = set(), []
     for t in texts:
         key = " ".join(t.lower().split())

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gain_cli.data import demo_fetch as F
+from gain_cli.data.demo_text import digest
 from gain_cli.errors import GainError
 
 
@@ -353,8 +354,6 @@ def multirc_item(example: dict) -> dict | None:
 
 def balanced_yesno(items: list[dict], n: int) -> list[dict]:
     """At most ``n`` items, half yes and half no (as far as each side allows), chosen and ordered by a hash."""
-    from gain_cli.data.demo_text import digest
-
     def key(it: dict) -> int:
         return digest(it["passage"] + "\0" + it["question"], "gain-demo-boolq")
 

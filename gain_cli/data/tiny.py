@@ -10,6 +10,7 @@ import random
 from collections.abc import Callable
 
 from gain_cli.data.documents import write_documents
+from gain_cli.errors import unknown_choice
 
 _WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 _MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September",
@@ -117,8 +118,6 @@ def generate(domain: str, n_docs: int, seed: int) -> list[str]:
 def build_tiny(root, domains: list[str], train_docs: int = 240, validation_docs: int = 40) -> None:
     """Write `<root>/<domain>/{train,validation}.jsonl` for the requested tiny domains."""
     from pathlib import Path
-
-    from gain_cli.errors import unknown_choice
 
     root = Path(root)
     for d in domains:

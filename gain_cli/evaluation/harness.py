@@ -39,6 +39,12 @@ from typing import Any
 import torch
 
 from gain_cli.errors import GainError
+from gain_cli.evaluation.cloze import cloze_source, write_cloze_task
+from gain_cli.evaluation.jsonl_tasks import (
+    jsonl_task_name,
+    load_task_jsonl,
+    write_jsonl_task,
+)
 from gain_cli.io import read_jsonl_objects
 from gain_cli.models.kv_cache import no_kv_cache
 from gain_cli.models.loading import hub_offline
@@ -470,8 +476,6 @@ def check_task_names(tasks) -> None:
     built only when a name needs it (it is local: no download)."""
     import difflib
 
-    from gain_cli.evaluation.jsonl_tasks import jsonl_task_name, load_task_jsonl
-
     others: list[str] = []
     names: dict[str, str] = {}
     for entry in map(str, tasks):
@@ -609,15 +613,11 @@ def harness_results(model: torch.nn.Module, tokenizer: Any, cfg: Mapping[str, An
                 specs.append(str(local_dir / "boolq.yaml"))
                 continue
         if name == "cloze":
-            from gain_cli.evaluation.cloze import cloze_source, write_cloze_task
-
             local_dir = write_cloze_task(cloze_source(cfg), work_dir, _write_if_changed)
             specs.append(str(local_dir / "cloze.yaml"))
             continue
         path = task_file(name)
         if path is not None and path.suffix.lower() == ".jsonl":
-            from gain_cli.evaluation.jsonl_tasks import write_jsonl_task
-
             specs.append(str(write_jsonl_task(path, work_dir, _write_if_changed)))
         elif path is not None:
             specs.append(str(path))

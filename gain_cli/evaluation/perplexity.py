@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from gain_cli.evaluation.harness import model_device
 from gain_cli.models.compiling import maybe_compile
 from gain_cli.models.kv_cache import no_kv_cache
+from gain_cli.training.sharding import is_sharded
 
 
 @dataclass
@@ -51,8 +52,6 @@ def block_nll(model, ids: torch.Tensor, autocast_dtype: torch.dtype | None = Non
 
 
 def _sharded(model) -> bool:
-    from gain_cli.training.sharding import is_sharded
-
     return is_sharded(model)
 
 

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from gain_cli.architectures import ArchSpec
+from gain_cli.config_files import configs_dir
 from gain_cli.errors import unknown_choice
 from gain_cli.methods.base import METHOD_KINDS, PENALTIES, Method
 from gain_cli.methods.penalties import Penalized, build_penalty
@@ -48,8 +49,6 @@ def boundary_refusal(method_cfg: Mapping[str, Any]) -> str | None:
 def boundary_free_methods() -> list[str]:
     """The shipped method configs (configs/method/*.yaml) that can train boundary-free."""
     from omegaconf import OmegaConf
-
-    from gain_cli.config_files import configs_dir
 
     out = []
     for path in sorted((configs_dir() / "method").glob("*.yaml")):

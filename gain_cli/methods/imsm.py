@@ -57,8 +57,15 @@ from transformers.modeling_outputs import CausalLMOutput
 from gain_cli.architectures import logit_softcap
 from gain_cli.errors import GainError, unknown_choice
 from gain_cli.methods.base import Method, check_state_keys, freeze, register
-from gain_cli.methods.lora import (adapter_formula, attach_peft, check_peft_targets, load_peft_state, lora_config,
-                                   peft_state)
+from gain_cli.methods.ia3 import ia3_config
+from gain_cli.methods.lora import (
+    adapter_formula,
+    attach_peft,
+    check_peft_targets,
+    load_peft_state,
+    lora_config,
+    peft_state,
+)
 
 BACKBONES = ("lora", "ia3")
 
@@ -195,8 +202,6 @@ class Imsm(Method):
 
     def peft_config(self):
         if self.backbone == "ia3":
-            from gain_cli.methods.ia3 import ia3_config
-
             return ia3_config(self.cfg, self.spec)
         return lora_config(self.cfg, self.spec)
 

@@ -14,9 +14,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from gain_cli.architectures import decoder_layers
 from gain_cli.errors import GainError
 from gain_cli.methods.base import Method, check_state_keys, per_layer_formula, register
-from gain_cli.training.sharding import add_full_, full, is_partitioned, mul_replicated_, reshard, set_full_, shape_of
+from gain_cli.training.sharding import (
+    add_full_,
+    full,
+    is_partitioned,
+    mul_replicated_,
+    reshard,
+    set_full_,
+    shape_of,
+)
 
 ADAPTER = "default"  # PEFT's adapter name (one adapter per stage)
 
@@ -273,8 +282,6 @@ class Lora(PeftMethod):
 
     def table_trainable(self, model: nn.Module) -> int:
         """r · (in + out) of every targeted 2-D projection of the decoder layers."""
-        from gain_cli.architectures import decoder_layers
-
         r = int(self.cfg.get("r", 8))
         targets = tuple(self.cfg.get("target_modules") or self.spec.lora_targets)
         n = 0

@@ -19,7 +19,14 @@ from typing import Any
 
 import torch
 
-from gain_cli.models.skeletons import FALLBACK_VOCAB, config_without_weights, meta_skeleton  # noqa: F401  (tests)
+from gain_cli.architectures import arch_for
+from gain_cli.methods import build_method
+from gain_cli.models.loading import torch_dtype
+from gain_cli.models.skeletons import (  # noqa: F401  (tests)
+    FALLBACK_VOCAB,
+    config_without_weights,
+    meta_skeleton,
+)
 
 
 def _unique_numel(params) -> int:
@@ -33,8 +40,6 @@ def _unique_numel(params) -> int:
 
 def build_meta_model(model_cfg: Mapping[str, Any]):
     """The model's skeleton (``*ForCausalLM``) on the meta device, from ``model_cfg["hf_config"]`` alone."""
-    from gain_cli.models.loading import torch_dtype
-
     config, note = config_without_weights(model_cfg, missing_vocab="fallback")
     model = meta_skeleton(config, torch_dtype(str(model_cfg.get("dtype", "float32"))))
     model.gain_meta_note = note
@@ -43,9 +48,6 @@ def build_meta_model(model_cfg: Mapping[str, Any]):
 
 def count_method_params(model_cfg: Mapping[str, Any], method_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """``{total, trainable, method, model, formula}`` (+ ``note``) for a method on a model, from configs only."""
-    from gain_cli.architectures import arch_for
-    from gain_cli.methods import build_method
-
     model = build_meta_model(model_cfg)
     note = model.gain_meta_note
     n_model = _unique_numel(model.parameters())

@@ -19,7 +19,10 @@ import torch
 
 from gain_cli.architectures import ArchSpec, arch_for
 from gain_cli.errors import GainError
+from gain_cli.models.pretrain import pretrained_tiny
 from gain_cli.models.skeletons import hf_config_from
+from gain_cli.models.smollm2 import ensure_smollm2
+from gain_cli.models.tokenizers import byte_tokenizer
 
 SOURCES = ("config", "pretrained", "smollm2")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -50,8 +53,6 @@ def hub_offline(datasets: bool = False) -> bool:
 
 def load_tokenizer(model_cfg: Mapping[str, Any], model_dir: str | None):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    from gain_cli.models.tokenizers import byte_tokenizer
 
     if model_cfg.get("tokenizer") == "bytes":
         return byte_tokenizer()
@@ -92,13 +93,9 @@ def load_model(model_cfg: Mapping[str, Any], cache_dir: str | Path):
             torch.manual_seed(int(model_cfg.get("init_seed", 0)))
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         if model_cfg.get("pretrain"):
-            from gain_cli.models.pretrain import pretrained_tiny
-
             model = pretrained_tiny(model, tokenizer, model_cfg, cache_dir)
         return model.eval(), tokenizer
     if source == "smollm2":
-        from gain_cli.models.smollm2 import ensure_smollm2
-
         path, is_local = str(ensure_smollm2(Path(cache_dir))), True
     else:
         if not model_cfg.get("path"):

@@ -17,14 +17,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from gain_cli.data.domains import tokenizer_fingerprint
+from gain_cli.data.tiny import GENERATORS, generate
 from gain_cli.io import atomic_save_safetensors
+from gain_cli.progress import Phase, default_console
 
 PRETRAIN_SEED = 7  # the experiment's tiny data uses seeds 1 (train) and 2 (validation)
 
 
 def _key(model_cfg: Mapping[str, Any], tokenizer) -> str:
-    from gain_cli.data.domains import tokenizer_fingerprint
-
     desc = json.dumps({"hf_config": dict(model_cfg.get("hf_config") or {}), "init_seed": model_cfg.get("init_seed"),
                        "pretrain": dict(model_cfg.get("pretrain") or {}), "tok": tokenizer_fingerprint(tokenizer)},
                       sort_keys=True, default=str)
@@ -32,8 +33,6 @@ def _key(model_cfg: Mapping[str, Any], tokenizer) -> str:
 
 
 def _corpus(tokenizer, docs_per_domain: int) -> np.ndarray:
-    from gain_cli.data.tiny import GENERATORS, generate
-
     docs = [d for name in GENERATORS for d in generate(name, docs_per_domain, seed=PRETRAIN_SEED)]
     rng = np.random.default_rng(PRETRAIN_SEED)
     rng.shuffle(docs)
@@ -60,7 +59,6 @@ def pretrained_tiny(model, tokenizer, model_cfg: Mapping[str, Any], cache_dir: s
     opt = torch.optim.AdamW(model.parameters(), lr=float(pcfg.get("lr", 3e-3)), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps))
     model.train()
-    from gain_cli.progress import Phase, default_console
 
     with torch.random.fork_rng(devices=[]), Phase(default_console(), f"pretraining {model_cfg.get('name', 'the model')} "
                                                   "(once; cached for later runs)", steps, "steps", loss="-") as ph:

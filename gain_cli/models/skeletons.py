@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gain_cli.errors import GainError
+from gain_cli.models.tokenizers import byte_tokenizer
 
 FALLBACK_VOCAB = 256 + 4  # no vocab_size and no byte tokenizer: 256 bytes + 4 special tokens (a guess, said so)
 MISSING_VOCAB = ("model_default", "fallback")
@@ -39,7 +40,6 @@ def byte_vocab(model_cfg: Mapping[str, Any]) -> int | None:
     """The vocabulary a ``tokenizer: bytes`` model gets when its hf_config names none (what load_model gives it)."""
     if model_cfg.get("tokenizer") != "bytes" or "vocab_size" in (model_cfg.get("hf_config") or {}):
         return None
-    from gain_cli.models.tokenizers import byte_tokenizer
 
     return len(byte_tokenizer())
 

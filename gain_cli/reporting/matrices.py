@@ -33,6 +33,8 @@ import numpy as np
 
 from gain_cli.errors import GainError
 from gain_cli.io import atomic_write_csv, atomic_write_json
+from gain_cli.reporting.metrics import compute_metrics
+from gain_cli.reporting.uncertainty import run_samples
 from gain_cli.rundir import HARNESS_MATRIX, RunDir
 
 HARNESS_METRICS = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")  # lm-eval's names; one matrix each
@@ -188,8 +190,6 @@ class RunResult:
     def samples(self):
         """Per-block NLLs and per-item scores of the rows (:class:`~gain_cli.reporting.uncertainty.RunSamples`),
         or None when the run did not keep them (made before they were kept)."""
-        from gain_cli.reporting.uncertainty import run_samples
-
         rows = RunDir(self.path).rows()[: len(self.rows)]
         try:
             return run_samples(rows, self.domains) if len(rows) == len(self.rows) else None
@@ -199,8 +199,6 @@ class RunResult:
     @cached_property
     def metrics(self):
         """The run's :class:`~gain_cli.reporting.metrics.ForgettingMetrics` (computed once)."""
-        from gain_cli.reporting.metrics import compute_metrics
-
         return compute_metrics(self.ppl, self.domains, self.harness)
 
 

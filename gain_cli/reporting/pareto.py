@@ -53,8 +53,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from gain_cli.config import PLACEMENT_KEYS
 from gain_cli.errors import GainError
 from gain_cli.io import atomic_write_csv, atomic_write_text, read_json
+from gain_cli.reporting import figures
+from gain_cli.reporting.metrics import compute_metrics
 from gain_cli.rundir import RunDir
 
 X_TITLE = "In-domain PPL improvement (%)"
@@ -122,8 +125,6 @@ def method_label(method: Mapping[str, Any]) -> str:
 def run_point(run_dir: str | os.PathLike) -> dict[str, Any]:
     """The Pareto point of one run directory (keys as in ``COLUMNS`` plus ``x``, ``y``, ``label``, ``method_label``
     and ``config``, the run's config.yaml); ``label`` is the method's until :func:`distinguish` sets it."""
-    from gain_cli.reporting.metrics import compute_metrics
-
     run_dir = Path(run_dir)
     path = RunDir(run_dir).matrix_path()
     if not path.is_file():
@@ -170,8 +171,6 @@ MAX_SETTINGS = 4   # at most this many differing settings in a label, then "+N m
 def flat_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     """``config`` as dotted keys → values, without the settings that only say where a run goes and how it logs
     (``gain_cli.config.PLACEMENT_KEYS``): what determines its results."""
-    from gain_cli.config import PLACEMENT_KEYS
-
     out: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
@@ -296,8 +295,6 @@ def plot_pareto(points: Sequence[Mapping[str, Any]], path: str | os.PathLike, ti
     """Scatter of the points (one colour per method, one marker per label) with the front as a step line; written
     as PNG (``path``) and as SVG and PDF next to it (``formats``, see ``figures.save_figure``)."""
     import matplotlib
-
-    from gain_cli.reporting import figures
 
     front = pareto_front(points)
     fig = figures._new_figure(7.5, 5.2)

@@ -29,10 +29,27 @@ from gain_cli.errors import GainError
 from gain_cli.io import atomic_write_json, atomic_write_text, file_slug
 from gain_cli.reporting import figures
 from gain_cli.reporting.matrices import RunResult, load_run
-from gain_cli.reporting.metrics import SIGN_CONVENTIONS, jsonable, relative_change_matrix
-from gain_cli.reporting.tables import (DOMAIN_METRICS, domain_table, domain_table_title, downstream_table,
-                                       harness_metrics, harness_table, harness_tasks, metric_table, run_harness_drops,
-                                       run_labels, to_csv, to_latex, to_markdown)
+from gain_cli.reporting.metrics import (
+    SIGN_CONVENTIONS,
+    jsonable,
+    relative_change_matrix,
+)
+from gain_cli.reporting.study_report import groups_of_runs, interval_section
+from gain_cli.reporting.tables import (
+    DOMAIN_METRICS,
+    domain_table,
+    domain_table_title,
+    downstream_table,
+    harness_metrics,
+    harness_table,
+    harness_tasks,
+    metric_table,
+    run_harness_drops,
+    run_labels,
+    to_csv,
+    to_latex,
+    to_markdown,
+)
 
 FORMATS = {"md": "md", "markdown": "md", "latex": "tex", "tex": "tex", "csv": "csv"}
 
@@ -178,7 +195,6 @@ def write_report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLi
     if curves:
         md += ["## Downstream accuracy per stage", ""]
         md += [f"![{what} per stage]({rel})\n" for what, rel in curves]
-    from gain_cli.reporting.study_report import groups_of_runs, interval_section
 
     groups = groups_of_runs(runs)
     if groups is not None:

@@ -24,12 +24,19 @@ from typing import Any
 
 import numpy as np
 
+from gain_cli.config import config_hash
 from gain_cli.errors import GainError
 from gain_cli.io import atomic_write_json, atomic_write_text, file_slug
 from gain_cli.reporting import figures
 from gain_cli.reporting.matrices import RunResult, load_run
 from gain_cli.reporting.metrics import SIGN_CONVENTIONS, relative_change_matrix
-from gain_cli.reporting.uncertainty import GroupIntervals, Interval, group_intervals, mark_differences
+from gain_cli.reporting.pareto import write_pareto
+from gain_cli.reporting.uncertainty import (
+    GroupIntervals,
+    Interval,
+    group_intervals,
+    mark_differences,
+)
 from gain_cli.rundir import RunDir
 
 REFERENCE = "lora"   # the additive baseline the paper contrasts GAIN with; table cells are marked against it
@@ -89,8 +96,6 @@ class MethodGroup:
 def _setting_key(r: RunResult) -> str:
     """What determines a run's results except its seed (config_hash leaves out where a run goes and how it logs)."""
     from omegaconf import OmegaConf
-
-    from gain_cli.config import config_hash
 
     return config_hash(OmegaConf.create({k: v for k, v in (r.config or {}).items() if k != "seed"}))
 
@@ -454,8 +459,6 @@ def write_lr_selection(runs: Sequence[Any], spec, out_dir: Path) -> Path:
 def write_lora_lr_sweep(runs: Sequence[Any], gain_runs: Sequence[Any], spec, out_dir: Path) -> Path:
     """The paper's Figure 2: LoRA at every lr of the sweep (and the study's GAIN runs) on the forgetting-adaptation
     plane, with intervals."""
-    from gain_cli.reporting.pareto import write_pareto
-
     dirs = [r.run_dir for r in runs if RunDir(r.run_dir).has_matrix()]
     dirs += [r.run_dir for r in gain_runs]
     if not dirs:

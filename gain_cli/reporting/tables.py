@@ -16,9 +16,14 @@ from typing import Any
 
 import numpy as np
 
-from gain_cli.reporting.matrices import RunResult
-from gain_cli.reporting.metrics import (METRIC_TITLES, SIGN_CONVENTIONS, harness_drops, mean_drop_points,
-                                        relative_change_matrix)
+from gain_cli.reporting.matrices import HARNESS_METRICS, RunResult
+from gain_cli.reporting.metrics import (
+    METRIC_TITLES,
+    SIGN_CONVENTIONS,
+    harness_drops,
+    mean_drop_points,
+    relative_change_matrix,
+)
 
 Table = tuple[list[str], list[list[Any]]]
 
@@ -135,8 +140,6 @@ def harness_curve(run: RunResult, task: str, metric: str = "acc"):
 
 def harness_metrics(runs: Sequence[RunResult], task: str) -> list[str]:
     """The lm-eval metrics of ``task`` that some run kept (acc first)."""
-    from gain_cli.reporting.matrices import HARNESS_METRICS
-
     def kept(r: RunResult, m: str) -> bool:
         curve = harness_curve(r, task, m)
         return curve is not None and not np.all(np.isnan(np.asarray(curve, dtype=float)))

@@ -6,6 +6,7 @@ import os
 from contextlib import contextmanager
 
 from gain_cli.errors import GainError
+from gain_cli.training.sharding import process_group_timeout, requested_sharding
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 
@@ -21,8 +22,6 @@ def make_accelerator(cfg):
     # process may run several experiments (`gain demo`, a sweep from Python), so each starts from a fresh one, as
     # the HF TrainingArguments do. The process group (PartialState) is kept.
     from accelerate.state import AcceleratorState
-
-    from gain_cli.training.sharding import process_group_timeout, requested_sharding
 
     sharding = requested_sharding(cfg)  # a bad train.sharding is refused before any process group exists
     if sharding != "none" and mp == "fp16":

@@ -39,7 +39,14 @@ from typing import Any
 
 import torch
 
+from gain_cli import faults
 from gain_cli.errors import GainError
+from gain_cli.models.compiling import maybe_compile
+from gain_cli.models.kv_cache import no_kv_cache
+from gain_cli.training.accelerator import prepared_for_stage
+from gain_cli.training.checkpoint import StageCheckpoints
+from gain_cli.training.loop import StageStats, _micro_batch_loss, _step, stage_order
+from gain_cli.training.optim import make_optimizer, make_scheduler
 
 DOMAIN_SCHEDULES = ("stages", "drift")
 DEFAULT_OVERLAP = 0.5
@@ -97,7 +104,6 @@ def drift_plan(n_blocks: list[int], steps: int, per_step: int, overlap: float, s
     u = torch.rand(n, generator=g, dtype=torch.float64)
     domain = (u[:, None] < ramps(t, n_domains, steps, overlap)).sum(dim=1)  # i with r_{i+1} <= u < r_i (0-based)
     block = torch.zeros(n, dtype=torch.long)
-    from gain_cli.training.loop import stage_order
 
     for i, nb in enumerate(n_blocks):
         where = (domain == i).nonzero().squeeze(1)
@@ -113,8 +119,6 @@ class DriftTrainer:
 
     def __init__(self, model, method, blocks: list[torch.Tensor], domains: list[str], train_cfg, *, seed: int,
                  accelerator):
-        from gain_cli.training.optim import make_optimizer, make_scheduler
-
         self.model, self.method, self.blocks, self.domains = model, method, blocks, domains
         self.cfg, self.acc, self.seed = train_cfg, accelerator, int(seed)
         self.steps = int(train_cfg["steps"])
@@ -162,13 +166,6 @@ class DriftTrainer:
 
     def train_segment(self, k: int, *, progress=None, log=None, checkpoints=None):
         """Train global steps (k−1)·S … k·S−1 (from where the run stands), save the checkpoint at k·S."""
-        from gain_cli import faults
-        from gain_cli.models.compiling import maybe_compile
-        from gain_cli.models.kv_cache import no_kv_cache
-        from gain_cli.training.accelerator import prepared_for_stage
-        from gain_cli.training.checkpoint import StageCheckpoints
-        from gain_cli.training.loop import StageStats, _micro_batch_loss, _step
-
         lo, hi = (k - 1) * self.steps, k * self.steps
         if not lo <= self.step <= hi:
             raise GainError(f"the drift run stands at step {self.step}, segment {k} is steps {lo}..{hi} "

@@ -16,13 +16,14 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from gain_cli import faults
 from gain_cli.errors import GainError
 from gain_cli.models.compiling import maybe_compile
 from gain_cli.models.kv_cache import no_kv_cache
+from gain_cli.training import zero3
 from gain_cli.training.accelerator import prepared_for_stage, sharded_stage
 from gain_cli.training.optim import SCHEDULES, make_optimizer, make_scheduler  # noqa: F401  (re-exported)
 from gain_cli.training.sharding import is_sharded
-
 
 
 class NonFiniteLoss(GainError):
@@ -59,8 +60,6 @@ def train_stage(model, method, blocks: torch.Tensor, train_cfg, *, seed: int, st
 
     ``engine``: the run's DeepSpeed ZeRO-3 engine (train.sharding=zero3), whose optimiser is the run's and is
     started afresh here; it does the backward, the gradient averaging, accumulation and clipping and the step."""
-    from gain_cli import faults
-
     steps = int(train_cfg["steps"])
     bs = int(train_cfg["batch_size"])
     ga = int(train_cfg.get("grad_accum", 1))
@@ -75,8 +74,6 @@ def train_stage(model, method, blocks: torch.Tensor, train_cfg, *, seed: int, st
 
     sharded = is_sharded(model)
     if engine is not None:
-        from gain_cli.training import zero3
-
         zero3.begin_stage(engine)  # fresh AdamW moments, fp32 masters from the stage's opened values
         optimizer = zero3.base_optimizer(engine)
     else:
@@ -160,8 +157,6 @@ def _micro_batch_loss(forward, method, model, ids, stage: int, step: int) -> tor
 
     Only the loss is kept: the output's full-vocabulary logits are freed right after the forward instead of living
     on through the backward and into the next step's forward."""
-    from gain_cli import faults
-
     loss = forward(input_ids=ids, labels=ids).loss
     reg = method.regularization(model)
     if reg is not None:

@@ -35,8 +35,9 @@ from datetime import timedelta
 import torch
 from torch import nn
 
+from gain_cli.accelerate_configs import sharding_of
+from gain_cli.architectures import decoder_layers
 from gain_cli.errors import GainError, unknown_choice
-
 from gain_cli.training import zero3
 
 SHARDINGS = ("none", "fsdp", "zero3", "auto")
@@ -56,8 +57,6 @@ def process_group_timeout() -> timedelta | None:
 def requested_sharding(cfg) -> str:
     """``none``, ``fsdp``, ``zero3`` or ``auto`` from ``train.sharding``, the launcher's Accelerate config or the
     environment."""
-    from gain_cli.accelerate_configs import sharding_of
-
     value = str((cfg.get("train") or {}).get("sharding", "none") or "none")
     if value not in SHARDINGS:
         raise unknown_choice("train.sharding", value, SHARDINGS)
@@ -102,8 +101,6 @@ def shard_model(model: nn.Module, spec, device_type: str, world: int) -> nn.Modu
     """``fully_shard`` every decoder layer, then the root, on a 1-D mesh of ``world`` processes (in place)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-
-    from gain_cli.architectures import decoder_layers
 
     mesh = init_device_mesh(device_type, (world,))  # the mesh is always explicit (gloo next to CUDA: pytorch#132471)
     for layer in decoder_layers(hf_model(model), spec):
@@ -264,7 +261,10 @@ def load_sharded_optimizer(model: nn.Module, optimizer, folder) -> None:
         zero3.load_optimizer(optimizer, folder)
         return
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
 
     state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
     dcp.load(state, checkpoint_id=str(folder))

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from gain_cli.errors import GainError
+from gain_cli.training.optim import make_optimizer
 
 INSTALL_HINT = ("DeepSpeed is an optional extra: `make setup-deepspeed` (or pip install setuptools wheel hjson ninja "
                 "py-cpuinfo msgpack einops && pip install --no-build-isolation deepspeed), or use train.sharding=fsdp")
@@ -79,8 +80,6 @@ def ds_config(train_cfg, world: int) -> dict[str, Any]:
 
 def make_engine(model: nn.Module, method, train_cfg, device_type: str, world: int):
     """Partition ``model`` (attached, trainable parts with ``requires_grad``) and return the run's engine."""
-    from gain_cli.training.optim import make_optimizer
-
     if method.regularizes():
         raise GainError(f"method '{method.name}' cannot train with train.sharding=zero3: its penalty is computed "
                         "outside the forward, where ZeRO-3 parameters are empty (set it to 0, or use "
