@@ -198,7 +198,8 @@ def _compare_sweep(run_dirs: list[Path], cfg) -> None:
 def _run_one(cfg, job: list[str]) -> Path:
     """One experiment, in this process or in launched processes (launcher.num_processes > 1); its run directory."""
     from gain_cli.launcher import maybe_relaunch
-    from gain_cli.runner import resolve_run_dir, run_experiment
+    from gain_cli.rundir import resolve_run_dir
+    from gain_cli.runner import run_experiment
 
     rc = maybe_relaunch(cfg, [*(["--debug"] if _state["debug"] else []), "run", *job], console)
     if rc is not None:  # ran in launched processes

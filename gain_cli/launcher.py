@@ -202,7 +202,7 @@ def maybe_relaunch(cfg, argv: Sequence[str], console=None) -> int | None:
     if st["num_machines"] > 1 and not (cfg.get("run_dir") or cfg.get("run_name")):
         raise GainError("a run over several machines needs run_name=NAME or run_dir=PATH (on a file system every "
                         "machine sees): the default, timestamped run directory would differ between machines")
-    from gain_cli.runner import resolve_run_dir
+    from gain_cli.rundir import resolve_run_dir
 
     from gain_cli.training.sharding import requested_sharding
 

@@ -28,7 +28,7 @@ from gain_cli.errors import GainError
 from gain_cli.evaluation.harness import check_task_names
 from gain_cli.memory import check_sequence_lengths
 from gain_cli.models.loading import hub_offline
-from gain_cli.runner import prepare_run_dir, resolve_run_dir
+from gain_cli.rundir import RunDir, resolve_run_dir
 from gain_cli.training.trackers import requested_trackers
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -108,4 +108,4 @@ def check_domain_files(domains_cfg) -> None:
 def check_run_location(cfg: DictConfig) -> None:
     if cfg.get("resume") and not cfg.get("run_dir") and not cfg.get("run_name"):
         return  # the latest run under output_root, found (or refused) when the run starts
-    prepare_run_dir(cfg, resolve_run_dir(cfg))
+    RunDir(resolve_run_dir(cfg)).prepare(cfg)

@@ -28,8 +28,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from omegaconf import OmegaConf
+
+from gain_cli.config import config_differences, config_hash
 from gain_cli.errors import GainError
 from gain_cli.io import atomic_write_json, read_json
+from gain_cli.outputs import check_creatable
 
 if TYPE_CHECKING:
     import torch
@@ -125,6 +129,36 @@ class RunDir:
     def info(self) -> dict[str, Any]:
         """``run_info.json`` ({} before a run wrote one)."""
         return read_json(self.info_path) if self.info_path.is_file() else {}
+
+    def prepare(self, cfg) -> None:
+        """Check this directory against the config: new, or resumable with the same config; and that it can be
+        written (a file in its place, or an existing ancestor that is a file or read-only, is one line)."""
+        run_dir = self.path
+        if run_dir.exists() and not run_dir.is_dir():
+            raise GainError(f"run directory {run_dir} is a file, not a directory (choose another run_dir/run_name)")
+        check_creatable(run_dir, f"run directory {run_dir}", " (choose another run_dir or output_root)")
+        saved = self.config_path
+        if saved.is_file():
+            if not cfg.get("resume"):
+                raise GainError(f"run directory {run_dir} already holds a run; pass resume=true to continue it "
+                                "or choose another run_dir/run_name")
+            old = OmegaConf.load(saved)
+            if config_hash(old) != config_hash(cfg):
+                diff = config_differences(old, cfg)
+                more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
+                raise GainError(f"resume=true but the config differs from the one saved in {saved}: "
+                                f"{'; '.join(diff[:3])}{more}; use the same overrides or a new run_dir")
+        elif cfg.get("resume") and cfg.get("run_dir"):
+            raise GainError(f"resume=true but {run_dir} holds no run (no config.yaml)")
+
+    def check_same_processes(self, cfg, num_processes: int) -> None:
+        """A resumed run keeps its number of processes (the global batch depends on it)."""
+        if cfg.get("resume") and self.info_path.is_file():
+            before = int(read_json(self.info_path).get("num_processes", 1))
+            if before != num_processes:
+                raise GainError(f"run {self.path} was started with {before} process(es) and is resumed with "
+                                f"{num_processes}; resume it with the same number (one step's batch is batch_size × "
+                                "grad_accum × processes)")
 
     # --- reopening ----------------------------------------------------------------------------
     def require_run(self):
@@ -230,6 +264,22 @@ class RunDir:
         finally:
             if is_main:
                 lock.unlink(missing_ok=True)
+
+
+def resolve_run_dir(cfg) -> Path:
+    """The run directory a config names: ``run_dir``, else ``<output_root>/<recipe>/<method>/<run_name or a
+    timestamp>`` (with ``resume=true`` and no name: the latest run there)."""
+    if cfg.get("run_dir"):
+        return Path(os.path.expanduser(str(cfg.run_dir))).resolve()
+    parent = Path(str(cfg.output_root)) / str(cfg.recipe or "custom") / str(cfg.method.name)
+    if cfg.get("run_name"):
+        return (parent / str(cfg.run_name)).resolve()  # a plain name (config._check_choices)
+    if cfg.get("resume"):
+        runs = sorted((p for p in parent.glob("*") if RunDir(p).info_path.is_file()), key=lambda p: p.stat().st_mtime)
+        if not runs:
+            raise GainError(f"resume=true but there is no earlier run under {parent} (give run_dir=PATH)")
+        return runs[-1].resolve()
+    return (parent / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
 
 
 def saved_stages_to_apply(method, upto: int, cumulative: bool = False) -> list[int]:

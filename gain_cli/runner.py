@@ -1,6 +1,8 @@
 """The sequential-domain experiment: base evaluation, then train → save → carry → evaluate per stage.
 
-The run directory and its layout: ``gain_cli.rundir.RunDir``. Every file is written atomically. A stage counts as finished once its metrics.json exists; with
+Orchestration only: the run directory, its layout, lock and checks are ``gain_cli.rundir``; what a run records
+about where it ran, ``gain_cli.provenance``; sharing one process's answer with all, ``training.accelerator``.
+Every file is written atomically. A stage counts as finished once its metrics.json exists; with
 ``resume=true`` the finished stages are rebuilt from their saved states (no retraining) and the
 run continues after the last one. Stage K's data order and initialisation depend only on
 (seed, K), so a resumed run gives the same matrices as an uninterrupted one.
@@ -10,10 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import random
-import socket
-import subprocess
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -23,9 +22,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from gain_cli import faults, interrupts
+from gain_cli import faults, interrupts, provenance
 from gain_cli.architectures import num_layers
-from gain_cli.config import config_differences, config_hash, to_yaml
+from gain_cli.config import config_hash, to_yaml
 from gain_cli.data.domains import DomainData, ensure_domains
 from gain_cli.errors import GainError
 from gain_cli.evaluation.harness import LM_EVAL_DIR, run_harness
@@ -41,7 +40,6 @@ from gain_cli.methods.base import StageContext
 from gain_cli.models.compiling import CompileDecision, decide_compile
 from gain_cli.models.flops import ForwardCounter, flops_per_token, matmul_shapes
 from gain_cli.models.loading import load_model, model_spec
-from gain_cli.outputs import check_creatable
 from gain_cli.progress import Phase, RunClock
 from gain_cli.reporting.matrices import (
     HARNESS_METRICS,
@@ -51,9 +49,9 @@ from gain_cli.reporting.matrices import (
     write_matrix,
 )
 from gain_cli.reporting.timing import RunTiming
-from gain_cli.rundir import STATE_FILE, TRAIN_FILE, RunDir, saved_stages_to_apply
+from gain_cli.rundir import STATE_FILE, TRAIN_FILE, RunDir, resolve_run_dir, saved_stages_to_apply
 from gain_cli.threads import threads_for_run, threads_for_stage
-from gain_cli.training.accelerator import make_accelerator
+from gain_cli.training.accelerator import make_accelerator, on_main_shared
 from gain_cli.training.checkpoint import StageCheckpoints
 from gain_cli.training.drift import (
     CHECKPOINT_DIR,
@@ -72,41 +70,6 @@ from gain_cli.training.trackers import Trackers
 from gain_cli.training.zero3 import make_engine
 
 # --- run directory ---------------------------------------------------------------------------
-
-def resolve_run_dir(cfg: DictConfig) -> Path:
-    if cfg.get("run_dir"):
-        return Path(os.path.expanduser(str(cfg.run_dir))).resolve()
-    parent = Path(str(cfg.output_root)) / str(cfg.recipe or "custom") / str(cfg.method.name)
-    if cfg.get("run_name"):
-        return (parent / str(cfg.run_name)).resolve()  # a plain name (config._check_choices)
-    if cfg.get("resume"):
-        runs = sorted((p for p in parent.glob("*") if RunDir(p).info_path.is_file()), key=lambda p: p.stat().st_mtime)
-        if not runs:
-            raise GainError(f"resume=true but there is no earlier run under {parent} (give run_dir=PATH)")
-        return runs[-1].resolve()
-    return (parent / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
-
-
-def _git_commit() -> str | None:
-    try:
-        root = Path(__file__).resolve().parent.parent
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def library_versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("gain-cli", "torch", "transformers", "peft", "accelerate", "datasets", "lm_eval", "hydra-core"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -507,79 +470,19 @@ def _parses_to(line: str, test: Callable[[dict], bool]) -> bool:
     return bool(test(rec))
 
 
-def run_info(cfg: DictConfig, accelerator, status: str, started: str | None = None,
-             exp: "Experiment | None" = None) -> dict[str, Any]:
-    sharding = {"sharding": exp.sharding if exp is not None else "none"}
-    if exp is not None and exp.param_bytes_per_process is not None:  # measured on the sharded model (largest rank)
-        sharding["param_bytes_per_process"] = exp.param_bytes_per_process
-    return {
-        "recipe": cfg.recipe, "method": cfg.method.name, "model": cfg.model.name, "domains": list(cfg.domains.sequence),
-        "seed": int(cfg.seed), "num_processes": accelerator.num_processes, **sharding, "status": status,
-        **({"domain_schedule": "drift"} if is_drift(cfg) else {}),
-        "config_hash": config_hash(cfg), "git_commit": _git_commit(), "versions": library_versions(),
-        "host": socket.gethostname(), "started": started or datetime.now().isoformat(timespec="seconds"),
-        "updated": datetime.now().isoformat(timespec="seconds"),
-    }
-
-
-def prepare_run_dir(cfg: DictConfig, run_dir: Path) -> None:
-    """Check a run directory against the config: new, or resumable with the same config; and that it can be
-    written (a file in its place, or an existing ancestor that is a file or read-only, is one line)."""
-    if run_dir.exists() and not run_dir.is_dir():
-        raise GainError(f"run directory {run_dir} is a file, not a directory (choose another run_dir/run_name)")
-    check_creatable(run_dir, f"run directory {run_dir}", " (choose another run_dir or output_root)")
-    saved = RunDir(run_dir).config_path
-    if saved.is_file():
-        if not cfg.get("resume"):
-            raise GainError(f"run directory {run_dir} already holds a run; pass resume=true to continue it "
-                            "or choose another run_dir/run_name")
-        old = OmegaConf.load(saved)
-        if config_hash(old) != config_hash(cfg):
-            diff = config_differences(old, cfg)
-            more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
-            raise GainError(f"resume=true but the config differs from the one saved in {saved}: "
-                            f"{'; '.join(diff[:3])}{more}; use the same overrides or a new run_dir")
-    elif cfg.get("resume") and cfg.get("run_dir"):
-        raise GainError(f"resume=true but {run_dir} holds no run (no config.yaml)")
-
-
-def on_main_shared(acc, fn: Callable[[], Any]) -> Any:
-    """``fn()`` evaluated on the main process and given to every process (a GainError is raised everywhere)."""
-    box: list[Any] = [None]
-    if acc.is_main_process:
-        try:
-            box[0] = ("ok", fn())
-        except GainError as exc:
-            box[0] = ("error", str(exc))
-    if acc.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        broadcast_object_list(box, from_process=0)
-    kind, value = box[0]
-    if kind == "error":
-        raise GainError(value)
-    return value
-
-
-def check_same_processes(cfg: DictConfig, run_dir: Path, num_processes: int) -> None:
-    """A resumed run keeps its number of processes (the global batch depends on it)."""
-    info = RunDir(run_dir).info_path
-    if cfg.get("resume") and info.is_file():
-        before = int(read_json(info).get("num_processes", 1))
-        if before != num_processes:
-            raise GainError(f"run {run_dir} was started with {before} process(es) and is resumed with {num_processes}; "
-                            "resume it with the same number (one step's batch is batch_size × grad_accum × processes)")
-
-
 def run_experiment(cfg: DictConfig, console=None, on_event: Callable[[str, dict], None] | None = None) -> Path:
     """Run (or resume) the experiment described by cfg; return the run directory."""
     timing = RunTiming()  # the wall time of this session starts here: loading and converting are part of it
     acc = make_accelerator(cfg)
 
+    def run_info(cfg, acc, status, started=None, exp=None):
+        return provenance.run_info(cfg, acc.num_processes, status, started, exp.sharding if exp else "none",
+                                   exp.param_bytes_per_process if exp else None)
+
     def choose_run_dir() -> Path:
         rd = resolve_run_dir(cfg)
-        prepare_run_dir(cfg, rd)
-        check_same_processes(cfg, rd, acc.num_processes)
+        RunDir(rd).prepare(cfg)
+        RunDir(rd).check_same_processes(cfg, acc.num_processes)
         return rd
 
     run_dir = on_main_shared(acc, choose_run_dir)  # one directory for all processes (the default is a timestamp)

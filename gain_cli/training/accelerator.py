@@ -1,9 +1,12 @@
-"""The Accelerator of a run, and the check that Accelerate sees the processes that were launched."""
+"""The Accelerator of a run, the check that Accelerate sees the processes that were launched, and one process's
+answer shared with all (``on_main_shared``)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from contextlib import contextmanager
+from typing import Any
 
 from gain_cli.errors import GainError
 from gain_cli.training.sharding import process_group_timeout, requested_sharding
@@ -91,3 +94,21 @@ def sharded_stage(accelerator, model, optimizer):
         yield model, optimizer
     finally:
         accelerator.free_memory()
+
+
+def on_main_shared(acc, fn: Callable[[], Any]) -> Any:
+    """``fn()`` evaluated on the main process and given to every process (a GainError is raised everywhere)."""
+    box: list[Any] = [None]
+    if acc.is_main_process:
+        try:
+            box[0] = ("ok", fn())
+        except GainError as exc:
+            box[0] = ("error", str(exc))
+    if acc.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(box, from_process=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise GainError(value)
+    return value
