@@ -130,3 +130,11 @@ def test_the_pareto_table_names_a_runs_penalty_and_its_strength():
     assert _penalty({"name": "gain_ffn", "penalty": "l2"}) == ("l2", None)
     assert method_label({"name": "l2", "base": "lora", "lambda": 10.0, "penalty": None}) == "l2 (lora)"
     assert _penalty({"name": "l2", "base": "lora", "lambda": 10.0, "penalty": None}) == (None, 10.0)
+
+
+def test_an_unknown_penalty_is_one_line_before_any_run(tmp_path):
+    rd = tmp_path / "never"
+    res = CliRunner().invoke(app, ["run", "recipe=tiny_8domains", "method=gain_ffn", "method.penalty=bogus",
+                                   f"run_dir={rd}"])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "unknown method.penalty 'bogus' (valid: ewc, l2)" in res.output and not rd.exists()
