@@ -41,7 +41,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from gain_cli.errors import GainError, unknown_choice
+from gain_cli.errors import GainError
 from gain_cli.models.skeletons import config_without_weights, meta_skeleton
 
 SHARDINGS = ("none", "fsdp", "zero3")
@@ -76,12 +76,9 @@ def _attached(base, config, dtype, method_cfg: Mapping[str, Any], spec) -> tuple
     except GainError:
         raise
     except Exception:  # noqa: BLE001  (a method that cannot attach to meta tensors)
-        from gain_cli.methods import METHOD_KINDS
+        from gain_cli.methods import method_class
 
-        kind = method_cfg.get("kind") or method_cfg.get("name")
-        if kind not in METHOD_KINDS:
-            raise unknown_choice("method kind", kind, METHOD_KINDS) from None
-        method = METHOD_KINDS[kind](dict(method_cfg), spec)  # the class alone: its count needs no attaching
+        method = method_class(method_cfg)(dict(method_cfg), spec)  # the class alone: its count needs no attaching
         trainable = method.table_trainable(meta_skeleton(config, dtype))
         added = 0 if method.trains_every_weight else trainable  # GAIN gains / LoRA adapters are fp32
         return trainable, added, 4 * added, "architecture table (attaching on meta failed)"
@@ -188,10 +185,10 @@ def estimate_for_config(cfg) -> dict[str, Any]:
 
     sharding = requested_sharding(cfg)  # train.sharding, or implied by launcher.accelerate_config
     if sharding == "auto":  # fsdp for methods that train every weight (gain_cli.training.sharding)
-        from gain_cli.methods import METHOD_KINDS
+        from gain_cli.methods import method_class
 
         method = OmegaConf.to_container(cfg.method, resolve=True)  # the class's flag; l2 / ewc: their method.base
-        every = getattr(METHOD_KINDS.get(str(method.get("kind") or method.get("name"))), "trains_every_weight", False)
+        every = getattr(method_class(method, strict=False), "trains_every_weight", False)
         sharding = "fsdp" if (every or method.get("base") == "full_ft") and n > 1 else "none"
     return memory_estimate(OmegaConf.to_container(cfg.model, resolve=True), OmegaConf.to_container(cfg.method, resolve=True),
                            OmegaConf.to_container(cfg.train, resolve=True), num_processes=n, sharding=sharding)

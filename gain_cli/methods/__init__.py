@@ -24,12 +24,20 @@ for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
 
 
 
-def build_method(cfg: Mapping[str, Any], spec: ArchSpec) -> Method:
-    """The method ``cfg`` (``method.kind``, else ``method.name``) names, carrying ``method.penalty`` if set."""
+def method_class(cfg: Mapping[str, Any], strict: bool = True) -> type[Method] | None:
+    """The class a method config names (``method.kind``, else ``method.name``); an unknown kind is one line
+    (``strict``) or None."""
     kind = cfg.get("kind") or cfg.get("name")
     if kind not in METHOD_KINDS:
-        raise unknown_choice("method kind", kind, METHOD_KINDS)
-    method = METHOD_KINDS[kind](cfg, spec)
+        if strict:
+            raise unknown_choice("method kind", kind, METHOD_KINDS)
+        return None
+    return METHOD_KINDS[kind]
+
+
+def build_method(cfg: Mapping[str, Any], spec: ArchSpec) -> Method:
+    """The method ``cfg`` names, carrying ``method.penalty`` if set."""
+    method = method_class(cfg)(cfg, spec)
     penalty = cfg.get("penalty")
     return Penalized(method, build_penalty(penalty, method)) if penalty else method
 
@@ -37,7 +45,7 @@ def build_method(cfg: Mapping[str, Any], spec: ArchSpec) -> Method:
 def boundary_refusal(method_cfg: Mapping[str, Any]) -> str | None:
     """Why the method a config names cannot train boundary-free (``train.domain_schedule=drift``): its kind's
     ``boundary_refusal``, else its penalty's; None when it can."""
-    cls = METHOD_KINDS.get(str(method_cfg.get("kind") or method_cfg.get("name")))
+    cls = method_class(method_cfg, strict=False)
     reason = getattr(cls, "boundary_refusal", None)
     penalty = method_cfg.get("penalty")
     if penalty and not reason:
@@ -53,9 +61,9 @@ def boundary_free_methods() -> list[str]:
     out = []
     for path in sorted((configs_dir() / "method").glob("*.yaml")):
         c = OmegaConf.load(path)
-        if str(c.get("kind") or c.get("name")) in METHOD_KINDS and not boundary_refusal(c):
+        if method_class(c, strict=False) is not None and not boundary_refusal(c):
             out.append(str(c.get("name", path.stem)))
     return out
 
 
-__all__ = ["METHOD_KINDS", "Method", "boundary_free_methods", "boundary_refusal", "build_method"]
+__all__ = ["METHOD_KINDS", "Method", "boundary_free_methods", "boundary_refusal", "build_method", "method_class"]
