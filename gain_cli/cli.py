@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gain_cli import interrupts
-from gain_cli.errors import GainError
+from gain_cli.errors import GainError, unknown_choice
 
 app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
                   help="gain: adapt a pretrained LLM to a sequence of text domains and measure forgetting.")
@@ -150,8 +150,8 @@ def run(
     runs = []
     for suffix, job in jobs:
         cfg = _compose(job, DEFAULT_RECIPE)
-        if suffix and not cfg.get("run_dir"):
-            cfg.run_name = f"{cfg.run_name}-{suffix}" if cfg.get("run_name") else suffix
+        if suffix and not cfg.run_dir:
+            cfg.run_name = f"{cfg.run_name}-{suffix}" if cfg.run_name else suffix
         check_run(cfg)
         runs.append((suffix, job, cfg))
     failed: list[str] = []
@@ -337,16 +337,16 @@ def eval_(
     from gain_cli.models.compiling import decide_compile
 
     # one sweep: auto stays eager (a compile pays for itself only over many sweeps: docs/performance.md)
-    compiled = decide_compile(cfg.eval.get("compile", False), "eval.compile", None, 1, next(model.parameters()).device,
+    compiled = decide_compile(cfg.eval.compile, "eval.compile", None, 1, next(model.parameters()).device,
                               refused="gain eval runs one sweep").enabled
     t0 = time.perf_counter()
     for d in domains:
-        r = evaluate_blocks(model, data.blocks(d.name, "validation", int(cfg.eval.block_size), cfg.eval.get("max_blocks")),
+        r = evaluate_blocks(model, data.blocks(d.name, "validation", int(cfg.eval.block_size), cfg.eval.max_blocks),
                             int(cfg.eval.batch_size), compile=compiled)
         table.add_row(d.name, f"{r.ppl:.3f}", f"{r.loss:.4f}", str(r.tokens))
     console.print(table)
-    harness_cfg = cfg.eval.get("harness")
-    if harness_cfg is not None and harness_cfg.get("enabled"):
+    harness_cfg = cfg.eval.harness
+    if harness_cfg is not None and harness_cfg.enabled:
         _print_harness(model, tokenizer, harness_cfg, label)
     console.print(f"{time.perf_counter() - t0:.1f} s", highlight=False)
 
@@ -381,7 +381,7 @@ def _model_for_eval(overrides: list[str], run_dir: Path | None, stage: int | Non
         cfg = _compose(overrides, None)
         check_eval(cfg)
         model, tok = load_model(cfg.model, cfg.cache_dir)
-        saved_dir = cfg.model.get("path") if cfg.model.name == "local" else None  # e.g. written by `gain merge`
+        saved_dir = cfg.model.path if cfg.model.name == "local" else None  # e.g. written by `gain merge`
         return cfg, model, tok, str(saved_dir) if saved_dir else f"{cfg.model.name} (no adaptation)"
     rd = RunDir(run_dir)
     cfg = rd.require_run()
@@ -389,7 +389,7 @@ def _model_for_eval(overrides: list[str], run_dir: Path | None, stage: int | Non
     if overrides:
         from gain_cli.config import compose_config
 
-        extra = compose_config(_expand_model_path(overrides), cfg.get("recipe"))
+        extra = compose_config(_expand_model_path(overrides), cfg.recipe)
         for key in ("domains", "eval"):
             if any(o.startswith(key) for o in overrides):
                 cfg[key] = extra[key]
@@ -584,13 +584,76 @@ def data_build(
 
 # --- info -----------------------------------------------------------------------------------
 
-INFO_TOPICS = ("config", "params", "memory")
+INFO_TOPICS = ("config", "params", "memory", "keys", "method")
+
+
+def _print_fields(title: str, rows, values: dict | None = None) -> None:
+    """A table of config fields: key, type, default (or the composed value), help."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=title, title_justify="left", show_lines=False)
+    for col in ("key", "type", "value" if values is not None else "default", "help"):
+        table.add_column(col, overflow="fold")
+    for key, kind, default, help_ in rows:
+        shown = default if values is None else values.get(key, default)
+        table.add_row(*(Text(str(c)) for c in (key, kind, shown, help_)))  # no rich markup: [attn] is text
+    console.print(table)
+
+
+def _flat(node: dict, prefix: str = "") -> dict[str, str]:
+    """``{dotted key: shown value}`` of a plain nested mapping."""
+    from gain_cli.schemas.typed import show
+
+    out: dict[str, str] = {}
+    for k, v in node.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": show(v)})
+    return out
+
+
+def _info_keys(args: list[str]) -> None:
+    """``gain info keys [GROUP]``: every key of the run config's sections (or one group's), with type, default and
+    help; ``gain info method NAME``: a method's keys, with the values its YAML sets."""
+    from gain_cli.schemas import GROUPS, RunConfig
+
+    if not args:
+        rows = [r for r in RunConfig.describe() if r[1] != "section" and r[0].split(".")[0] not in GROUPS]
+        _print_fields("run", rows)
+        for name, cls in GROUPS.items():
+            _print_fields(name, cls.describe())
+        console.print("method: gain info method NAME (its keys depend on the method)", highlight=False)
+        return
+    group = args[0]
+    if group == "method":
+        raise GainError("gain info keys method: use gain info method NAME (e.g. gain info method lora)")
+    if group not in GROUPS:
+        raise unknown_choice("config group", group, [*GROUPS, "method"])
+    _print_fields(group, GROUPS[group].describe())
+
+
+def _info_method(args: list[str]) -> None:
+    from omegaconf import OmegaConf
+
+    from gain_cli.config import group_choices
+    from gain_cli.methods import method_class
+
+    names = group_choices("method")
+    if len(args) != 1 or "=" in args[0]:
+        raise GainError(f"gain info method NAME: name one method config (valid: {', '.join(names)})")
+    if args[0] not in names:
+        raise unknown_choice("method", args[0], names)
+    cfg = _compose([f"method={args[0]}"], None)
+    cls = method_class(cfg.method).config
+    values = _flat(OmegaConf.to_container(cfg.method), "method.")
+    _print_fields(f"method {args[0]} ({cls.__name__}; value: configs/method/{args[0]}.yaml)", cls.describe(), values)
 
 
 @app.command(context_settings=OVERRIDES)
 @user_errors
-def info(args: Optional[list[str]] = typer.Argument(None, help="[config|params|memory] then key=value overrides")) -> None:
-    """Print the composed config (default), the trainable-parameter count, or a memory estimate."""
+def info(args: Optional[list[str]] = typer.Argument(None, help="[config|params|memory|keys [GROUP]|method NAME] then "
+                                                               "key=value overrides")) -> None:
+    """Print the composed config (default), the trainable-parameter count, a memory estimate, the config's keys
+    with their types, defaults and help (keys [GROUP]), or a method's keys (method NAME)."""
     from gain_cli.config import DEFAULT_RECIPE, to_yaml
 
     args = list(args or [])
@@ -599,6 +662,10 @@ def info(args: Optional[list[str]] = typer.Argument(None, help="[config|params|m
         topic = args.pop(0)
         if topic not in INFO_TOPICS:
             raise GainError(f"unknown info topic '{topic}' (valid: {', '.join(INFO_TOPICS)})")
+    if topic == "keys":
+        return _info_keys(args)
+    if topic == "method":
+        return _info_method(args)
     recipe_default = DEFAULT_RECIPE if topic == "config" else None
     cfg = _compose(args, recipe_default)
     if topic == "config":

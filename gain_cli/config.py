@@ -8,10 +8,9 @@ whose defaults override the groups; the command line beats the recipe.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -19,6 +18,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from gain_cli.config_files import _package_dir, config_root, configs_dir, recipes_dir  # noqa: F401  (re-exported)
 from gain_cli.errors import GainError, unknown_choice
+from gain_cli.schemas import RunConfig
+from gain_cli.schemas.run import composition_defaults
 
 GROUPS = ("model", "method", "domains", "train", "eval", "launcher")
 DEFAULT_RECIPE = "smollm2_8domains"
@@ -91,11 +92,13 @@ def _register_resolvers() -> None:
 def compose_config(overrides: Sequence[str] = (), recipe: str | None = None) -> DictConfig:
     """Compose the base config, the recipe (if any) and the overrides into one resolved config."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
     from hydra.errors import HydraException
 
     overrides = list(overrides)
     _check_overrides(overrides)
     _register_resolvers()
+    ConfigStore.instance().store(name="gain_defaults", node=composition_defaults())
     if recipe is not None and recipe not in recipe_choices():
         raise unknown_choice("recipe", recipe, recipe_choices())
     hydra_overrides = [f"hydra.searchpath=[file://{config_root()}]"]
@@ -110,104 +113,52 @@ def compose_config(overrides: Sequence[str] = (), recipe: str | None = None) -> 
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as exc:
         raise _friendly(exc, overrides) from exc
-    validate_config(cfg)
-    if cfg.domains.get("root"):
+    cfg = typed_config(cfg)
+    if cfg.domains.root:
         cfg.domains.root = str(Path(os.path.expanduser(str(cfg.domains.root))))
     return cfg
 
 
-# Types of the values that every run reads; checked right after composition so that a typo such as
-# train.steps=1O is reported as one line instead of a crash deep inside training.
-_INT, _NUM, _BOOL, _AUTO = "an integer", "a number", "true or false", "true, false or auto"
-SCHEMA: dict[str, tuple[str, bool]] = {  # key -> (kind, may be null)
-    "seed": (_INT, False), "resume": (_BOOL, False),
-    "train.steps": (_INT, False), "train.batch_size": (_INT, False), "train.grad_accum": (_INT, False),
-    "train.seq_len": (_INT, False), "train.warmup_ratio": (_NUM, False), "train.max_grad_norm": (_NUM, True),
-    "train.log_every": (_INT, False), "train.threads": (_INT, True), "train.checkpoint_every": (_INT, True),
-    "train.compile": (_AUTO, False), "eval.compile": (_AUTO, False), "train.drift_overlap": (_NUM, True),
-    "eval.block_size": (_INT, False), "eval.max_blocks": (_INT, True), "eval.batch_size": (_INT, False),
-    "method.lr": (_NUM, False), "method.weight_decay": (_NUM, True),
-    "method.r": (_INT, False), "method.alpha": (_NUM, False), "method.dropout": (_NUM, False),  # LoRA-based methods
-}
-_POSITIVE = {"train.steps", "train.batch_size", "train.grad_accum", "train.seq_len", "eval.block_size",
-             "eval.batch_size", "method.r"}
-# ranges of the numbers above (checked when set; null where the schema allows it means "off" / "all")
-RANGES: dict[str, tuple[Callable[[float], bool], str]] = {
-    "method.lr": (lambda v: math.isfinite(v) and 0 < v <= 1, "a number in (0, 1]"),
-    "method.weight_decay": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
-    "train.warmup_ratio": (lambda v: 0 <= v <= 1, "a fraction of the stage's steps in [0, 1]"),
-    "train.max_grad_norm": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0, or null (no clipping)"),
-    "train.checkpoint_every": (lambda v: v >= 0, "a number of steps >= 0 (0 or null: no mid-stage checkpoints)"),
-    "train.log_every": (lambda v: v >= 1, "at least 1"),
-    "eval.max_blocks": (lambda v: v >= 1, "at least 1, or null (every validation block)"),
-    "method.alpha": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0 (LoRA's scale is alpha / r)"),
-    "method.dropout": (lambda v: 0 <= v < 1, "a probability in [0, 1)"),
-    "train.drift_overlap": (lambda v: 0 <= v <= 1, "a fraction of a segment in [0, 1] (each transition's length)"),
-}
+def typed_config(cfg: DictConfig, method: bool = True) -> DictConfig:
+    """The config checked against its sections (gain_cli/schemas; the method's own config class) and completed
+    with their defaults: one line naming the key on a value of the wrong type, out of range or unknown. Without
+    ``method`` the method section stays as it is (reading results needs neither torch nor the methods)."""
+    run = RunConfig.of(cfg)
+    data = run.to_dict()
+    if not method:
+        return OmegaConf.create(data)
+    # imports torch and every method: only once a config is composed (not on `gain --help`)
+    from gain_cli.methods import method_config
+
+    data["method"] = method_config(run.method or {}).to_dict()
+    typed = OmegaConf.create(data)
+    _check_choices(typed)
+    return typed
 
 
-def validate_config(cfg: DictConfig) -> None:
-    for key, (kind, nullable) in SCHEMA.items():
-        value = OmegaConf.select(cfg, key, default="__absent__")
-        if value == "__absent__" or (value is None and nullable):
-            continue
-        ok = {
-            _INT: isinstance(value, int) and not isinstance(value, bool),
-            _NUM: isinstance(value, (int, float)) and not isinstance(value, bool),
-            _BOOL: isinstance(value, bool),
-            _AUTO: isinstance(value, bool) or value == "auto",
-        }[kind]
-        if not ok:
-            raise GainError(f"{key} must be {kind}, got {value!r}")
-        if key in _POSITIVE and value < 1:
-            raise GainError(f"{key} must be at least 1, got {value}")
-        if key in RANGES and value is not None and not RANGES[key][0](value):
-            raise GainError(f"{key} must be {RANGES[key][1]}, got {value!r}")
-    _check_choices(cfg)
-
-
-def _check_drift(cfg: DictConfig) -> None:
-    """One-line refusals of a drift run that cannot work: a method that needs stage boundaries, sharded training."""
-    from gain_cli.methods import boundary_free_methods, boundary_refusal
-    from gain_cli.training.drift import SHARDING_REFUSAL
-
-    method = OmegaConf.select(cfg, "method", default=None) or {}
-    reason = boundary_refusal(method)
-    if reason:
-        raise GainError(f"train.domain_schedule=drift cannot run method '{method.get('name', method.get('kind'))}': "
-                        f"{reason} (methods that run in it: {', '.join(boundary_free_methods())}; or use "
-                        "train.domain_schedule=stages)")
-    if str(OmegaConf.select(cfg, "train.sharding", default="none") or "none") in ("fsdp", "zero3"):
-        raise GainError(SHARDING_REFUSAL)
+def load_saved_config(path: Path) -> DictConfig:
+    """A run's saved ``config.yaml``, read through the sections like a composed one (the keys a later version
+    added take their defaults); a config this version cannot read comes back as it was saved."""
+    saved = OmegaConf.load(path)
+    try:
+        return typed_config(saved, method=False)  # the method's section is typed where a method is built
+    except GainError:
+        return saved
 
 
 def _check_choices(cfg: DictConfig) -> None:
-    """Names a run would only look up later (the schedule, the domain sequence), checked now."""
-    from gain_cli.training.optim import SCHEDULES
+    """What a drift run cannot do (a method that needs stage boundaries, sharding), checked before any run."""
+    from gain_cli.methods import boundary_free_methods, boundary_refusal
+    from gain_cli.training.drift import SHARDING_REFUSAL
 
-    schedule = OmegaConf.select(cfg, "train.schedule", default=None)
-    if schedule is not None and schedule not in SCHEDULES:
-        raise unknown_choice("train.schedule", schedule, SCHEDULES)
-    from gain_cli.training.drift import DOMAIN_SCHEDULES
-
-    domain_schedule = OmegaConf.select(cfg, "train.domain_schedule", default=None)
-    if domain_schedule is not None and domain_schedule not in DOMAIN_SCHEDULES:
-        raise unknown_choice("train.domain_schedule", domain_schedule, DOMAIN_SCHEDULES)
-    if domain_schedule == "drift":  # a method that needs stage boundaries, sharded training: one line, before any run
-        _check_drift(cfg)
-    name = OmegaConf.select(cfg, "run_name", default=None)
-    if name is not None and (str(name) in (".", "..") or "/" in str(name) or os.sep in str(name)):
-        raise GainError(f"run_name '{name}' must be a plain name (no '/' and not '.' or '..'): it names a folder "
-                        "under output_root/<recipe>/<method>; use run_dir=PATH for a run anywhere else")
-    sequence = OmegaConf.select(cfg, "domains.sequence", default=None)
-    if sequence is not None:
-        names = [str(d) for d in sequence]
-        if not names:
-            raise GainError("domains.sequence is empty: a run adapts to at least one domain")
-        repeated = sorted({d for d in names if names.count(d) > 1})
-        if repeated:
-            raise GainError(f"domains.sequence names {', '.join(repeated)} more than once: each domain is one stage "
-                            "(its perplexity row would be ambiguous)")
+    if cfg.train.domain_schedule != "drift":
+        return
+    reason = boundary_refusal(cfg.method)  # a method that needs stage boundaries: one line, before any run
+    if reason:
+        raise GainError(f"train.domain_schedule=drift cannot run method '{cfg.method.name}': {reason} (methods that "
+                        f"run in it: {', '.join(boundary_free_methods())}; or use train.domain_schedule=stages)")
+    if cfg.train.sharding in ("fsdp", "zero3"):
+        raise GainError(SHARDING_REFUSAL)
 
 
 def to_yaml(cfg: DictConfig) -> str:
@@ -241,7 +192,12 @@ def _results_part(cfg: DictConfig) -> dict:
 
 
 def config_hash(cfg: DictConfig) -> str:
-    """Hash of what determines the results (not where they go)."""
+    """Hash of what determines the results (not where they go), over the config with its defaults filled in: a run
+    saved before a key existed hashes as one that sets the key's default."""
+    try:
+        cfg = typed_config(cfg)
+    except GainError:  # a config this version cannot read (it is compared as it was saved)
+        pass
     return hashlib.sha256(OmegaConf.to_yaml(OmegaConf.create(_results_part(cfg))).encode()).hexdigest()[:16]
 
 

@@ -43,6 +43,7 @@ from gain_cli.models.loading import model_spec
 from gain_cli.models.smollm2 import model_dir
 from gain_cli.outputs import claim_output_dir, write_output_dir
 from gain_cli.rundir import RunDir
+from gain_cli.schemas.run import ModelConfig
 from gain_cli.training.drift import is_drift
 
 FORMATS = ("peft",)
@@ -72,17 +73,18 @@ def stage_range(stage: int | None, stages: str | None) -> tuple[int, int]:
 
 def _model_type(model_cfg, where: str) -> str:
     """The run's architecture (``hf_config.model_type``, else the model's config.json), without loading weights."""
-    model_type = (model_cfg.get("hf_config") or {}).get("model_type")
+    model_cfg = ModelConfig.of(model_cfg)
+    model_type = model_cfg.hf_config.get("model_type")
     if model_type:
         return str(model_type)
-    path = model_cfg.get("path")
+    path = model_cfg.path
     if path and (Path(str(path)).expanduser() / "config.json").is_file():
         return str(json.loads((Path(str(path)).expanduser() / "config.json").read_text())["model_type"])
     if path:
         from transformers import AutoConfig
 
         try:
-            return AutoConfig.from_pretrained(str(path), revision=model_cfg.get("revision")).model_type
+            return AutoConfig.from_pretrained(str(path), revision=model_cfg.revision).model_type
         except (OSError, ValueError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise GainError(f"cannot tell the architecture of model.path '{path}' of {where}: {first}") from exc
@@ -92,9 +94,9 @@ def _model_type(model_cfg, where: str) -> str:
 def base_model_id(cfg) -> tuple[str | None, str]:
     """(``base_model_name_or_path`` for the adapter's stage-1 base, a note on how to get that model)."""
     model = cfg.model
-    source = model.get("source", "pretrained")
-    if source == "pretrained" and model.get("path"):
-        rev = f" (revision {model.revision})" if model.get("revision") else ""
+    source = model.source
+    if source == "pretrained" and model.path:
+        rev = f" (revision {model.revision})" if model.revision else ""
         return str(model.path), f"the pretrained model {model.path}{rev} (model.path of the run)"
     if source == "smollm2":
         path = model_dir(cfg.cache_dir)
@@ -150,7 +152,7 @@ def gain_adapter(method, states: list[dict[str, torch.Tensor]]):
     exp = torch.exp if method.parametrization == "exp" else (lambda t: t)
     vectors = _product(states, exp)
     tensors = {f"{PREFIX}{k[:-len('.gain')]}.ia3_l": v.reshape(1, -1) for k, v in vectors.items()}
-    paths = module_paths(method.cfg.get("modules"), method.spec)
+    paths = module_paths(method.cfg.modules, method.spec)
     config = IA3Config(target_modules=list(paths), feedforward_modules=list(paths),
                        fan_in_fan_out=method.spec.transposed_weights, task_type="CAUSAL_LM")
     return config, tensors, f"(IA)³ (GAIN as feedforward modules: {', '.join(paths)})"
@@ -242,7 +244,7 @@ def export_run(run_dir: str | Path, out: str | Path, last: int, first: int | Non
     config, tensors, what = BUILDERS[kind](adapter_method, states)
     base_id, base_note = base_model_id(cfg)
     config.base_model_name_or_path = base_id if first == 1 else None
-    config.revision = cfg.model.get("revision") if first == 1 else None
+    config.revision = cfg.model.revision if first == 1 else None
     config.inference_mode = True
     domains = [str(cfg.domains.sequence[k - 1]) for k in stages]
 

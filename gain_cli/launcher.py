@@ -61,39 +61,21 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from gain_cli.accelerate_configs import resolve_accelerate_config, sharding_of
 from gain_cli.errors import GainError
+from gain_cli.schemas.run import LauncherConfig, group_of
 
 LAUNCHED_ENV = "GAIN_LAUNCHED"
 DEFAULT_PORT = 29500
 _HYDRA_SAFE = re.compile(r"^[A-Za-z0-9_/.\-+@%~]+$")
 
 
-def launcher_settings(cfg) -> dict[str, Any]:
-    """The ``launcher`` group of a config with defaults filled in (a config without one = local)."""
-    raw = cfg.get("launcher") if hasattr(cfg, "get") else None
-    raw = dict(raw or {})
-    out = {"num_processes": 1, "num_machines": 1, "machine_rank": 0, "main_process_ip": None,
-           "main_process_port": None, "accelerate_config": None, "cpu": False}
-    out.update({k: v for k, v in raw.items() if k in out})
-    for k in ("num_processes", "num_machines", "machine_rank"):
-        try:
-            out[k] = int(out[k])
-        except (TypeError, ValueError):
-            raise GainError(f"launcher.{k} must be an integer (got '{out[k]}')") from None
-    if out["num_processes"] < 1 or out["num_machines"] < 1:
-        raise GainError("launcher.num_processes and launcher.num_machines must be at least 1")
-    if out["num_processes"] % out["num_machines"]:
-        raise GainError(f"launcher.num_processes ({out['num_processes']}) must be a multiple of "
-                        f"launcher.num_machines ({out['num_machines']}): it counts the processes of all machines")
-    if not 0 <= out["machine_rank"] < out["num_machines"]:
-        raise GainError(f"launcher.machine_rank must be in 0..{out['num_machines'] - 1}")
-    out["cpu"] = bool(out["cpu"])
-    return out
+def launcher_settings(cfg) -> LauncherConfig:
+    """The ``launcher`` section of a config, checked, with defaults filled in (a config without one = local)."""
+    return group_of(cfg, "launcher")
 
 
 def inside_launch() -> bool:
@@ -101,9 +83,9 @@ def inside_launch() -> bool:
     return "WORLD_SIZE" in os.environ or os.environ.get(LAUNCHED_ENV) == "1"
 
 
-def needs_launch(settings: Mapping[str, Any]) -> bool:
+def needs_launch(settings: LauncherConfig) -> bool:
     """More than one process asked for, and not already inside a launched process."""
-    return (settings["num_processes"] > 1 or settings["num_machines"] > 1) and not inside_launch()
+    return (settings.num_processes > 1 or settings.num_machines > 1) and not inside_launch()
 
 
 def free_port() -> int:
@@ -131,9 +113,9 @@ def build_launch_command(cfg, argv: Sequence[str], run_dir: str | Path | None = 
     given and not already among the overrides, is appended as ``run_dir=...`` so every process uses it.
     """
     st = launcher_settings(cfg)
-    n = st["num_processes"]
+    n = st.num_processes
     cmd = [sys.executable, "-m", "accelerate.commands.launch"]
-    config_file = resolve_accelerate_config(st["accelerate_config"]) if st["accelerate_config"] else None
+    config_file = resolve_accelerate_config(st.accelerate_config) if st.accelerate_config else None
     if config_file is not None:
         if sharding_of(str(config_file)) in ("fsdp", "zero3"):
             # gain shards the model itself (gain_cli.training.sharding: train.sharding=fsdp|zero3, which this
@@ -142,28 +124,27 @@ def build_launch_command(cfg, argv: Sequence[str], run_dir: str | Path | None = 
             config_file = None
     if config_file is not None:
         cmd += ["--config_file", str(config_file)]
-    if n > 1 and (st["cpu"] or config_file is None):
+    if n > 1 and (st.cpu or config_file is None):
         # CPU: --multi_gpu + ACCELERATE_USE_CPU=1 gives N gloo ranks (never --cpu: it runs one process);
         # GPU without a config file: plain DDP.
         cmd.append("--multi_gpu")
-    cmd += ["--num_processes", str(n), "--num_machines", str(st["num_machines"])]
-    if st["num_machines"] > 1:
-        if not st["main_process_ip"]:
+    cmd += ["--num_processes", str(n), "--num_machines", str(st.num_machines)]
+    if st.num_machines > 1:
+        if not st.main_process_ip:
             raise GainError("several machines need launcher.main_process_ip (the address of machine 0)")
-        cmd += ["--machine_rank", str(st["machine_rank"]), "--main_process_ip", str(st["main_process_ip"])]
+        cmd += ["--machine_rank", str(st.machine_rank), "--main_process_ip", str(st.main_process_ip)]
     if port is None:
-        port = st["main_process_port"]
+        port = st.main_process_port
     if port is None:
-        port = DEFAULT_PORT if st["num_machines"] > 1 else free_port()
+        port = DEFAULT_PORT if st.num_machines > 1 else free_port()
     cmd += ["--main_process_port", str(int(port))]
-    train = cfg.get("train") or {}
-    cmd += ["--mixed_precision", str(train.get("mixed_precision", "no") or "no"), "--dynamo_backend", "no"]
+    cmd += ["--mixed_precision", group_of(cfg, "train").mixed_precision, "--dynamo_backend", "no"]
     cmd += ["-m", "gain_cli", *argv]
     if run_dir is not None and not _has_override(argv, "run_dir"):
         cmd.append(f"run_dir={hydra_value(str(run_dir))}")
     env = dict(os.environ)
     env[LAUNCHED_ENV] = "1"
-    if st["cpu"]:
+    if st.cpu:
         env["ACCELERATE_USE_CPU"] = "1"
     return cmd, env
 
@@ -176,15 +157,15 @@ def local_gpus() -> int:
     return torch.cuda.device_count() + (xpu.device_count() if xpu is not None and xpu.is_available() else 0)
 
 
-def check_gpus_for(settings: Mapping[str, Any]) -> None:
+def check_gpus_for(settings: LauncherConfig) -> None:
     """GPU processes (``launcher.cpu=false``) need a GPU each on this machine; refuse before starting any (they
     would each fail with Accelerate seeing one process, under a launcher traceback)."""
-    if settings["cpu"]:
+    if settings.cpu:
         return
-    per_machine = settings["num_processes"] // settings["num_machines"]
+    per_machine = settings.num_processes // settings.num_machines
     have = local_gpus()
     if have < per_machine:
-        fix = (f"launcher.num_processes={have * settings['num_machines']}" if have else
+        fix = (f"launcher.num_processes={have * settings.num_machines}" if have else
                "one process (launcher=local) or CPU processes (launcher=accelerate_cpu2, or launcher.cpu=true)")
         raise GainError(f"the launcher starts {per_machine} GPU process(es) on this machine, one per GPU, but it has "
                         f"{have or 'no'} GPU{'s' if have != 1 else ''}: use {fix}")
@@ -199,19 +180,18 @@ def maybe_relaunch(cfg, argv: Sequence[str], console=None) -> int | None:
     st = launcher_settings(cfg)
     if not needs_launch(st):
         return None
-    if st["num_machines"] > 1 and not (cfg.get("run_dir") or cfg.get("run_name")):
+    if st.num_machines > 1 and not (cfg.run_dir or cfg.run_name):
         raise GainError("a run over several machines needs run_name=NAME or run_dir=PATH (on a file system every "
                         "machine sees): the default, timestamped run directory would differ between machines")
     from gain_cli.rundir import resolve_run_dir
-
     from gain_cli.training.sharding import requested_sharding
 
     requested_sharding(cfg)  # train.sharding / a DeepSpeed config refused before starting N processes
     check_gpus_for(st)
     cmd, env = build_launch_command(cfg, argv, resolve_run_dir(cfg))
     if console is not None:
-        console.print(f"launching {st['num_processes']} process(es) on {st['num_machines']} machine(s)"
-                      f"{' (CPU, gloo)' if st['cpu'] else ''}: accelerate launch {' '.join(cmd[3:])}",
+        console.print(f"launching {st.num_processes} process(es) on {st.num_machines} machine(s)"
+                      f"{' (CPU, gloo)' if st.cpu else ''}: accelerate launch {' '.join(cmd[3:])}",
                       highlight=False, markup=False)
     proc = subprocess.Popen(cmd, env=env)
     try:

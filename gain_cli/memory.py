@@ -43,6 +43,7 @@ from typing import Any
 
 from gain_cli.errors import GainError
 from gain_cli.models.skeletons import config_without_weights, meta_skeleton
+from gain_cli.schemas.run import ModelConfig, TrainConfig, group_of
 
 SHARDINGS = ("none", "fsdp", "zero3")
 _SIXTEEN_BIT = ("bfloat16", "float16")
@@ -66,7 +67,7 @@ def _attached(base, config, dtype, method_cfg: Mapping[str, Any], spec) -> tuple
 
         import torch
 
-        method = build_method(dict(method_cfg), spec)
+        method = build_method(method_cfg, spec)
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = method.attach(base)
@@ -78,7 +79,7 @@ def _attached(base, config, dtype, method_cfg: Mapping[str, Any], spec) -> tuple
     except Exception:  # noqa: BLE001  (a method that cannot attach to meta tensors)
         from gain_cli.methods import method_class
 
-        method = method_class(method_cfg)(dict(method_cfg), spec)  # the class alone: its count needs no attaching
+        method = method_class(method_cfg)(method_cfg, spec)  # the class alone: its count needs no attaching
         trainable = method.table_trainable(meta_skeleton(config, dtype))
         added = 0 if method.trains_every_weight else trainable  # GAIN gains / LoRA adapters are fp32
         return trainable, added, 4 * added, "architecture table (attaching on meta failed)"
@@ -97,6 +98,7 @@ def memory_estimate(model_cfg: Mapping[str, Any], method_cfg: Mapping[str, Any],
                     num_processes: int = 1, sharding: str = "none") -> dict[str, Any]:
     """Estimate per-process memory (bytes) for training ``method_cfg`` on ``model_cfg``; see the module doc."""
     from gain_cli.architectures import hidden_size, num_layers
+    from gain_cli.methods import method_config
     from gain_cli.models.loading import model_spec, torch_dtype
 
     if sharding not in SHARDINGS:
@@ -104,7 +106,9 @@ def memory_estimate(model_cfg: Mapping[str, Any], method_cfg: Mapping[str, Any],
     n = int(num_processes)
     if n < 1:
         raise GainError(f"num_processes must be at least 1 (got {n})")
-    dtype_name = str(model_cfg.get("dtype", "float32"))
+    model_cfg, train_cfg = ModelConfig.of(model_cfg), TrainConfig.of(train_cfg)
+    method_cfg = method_config(method_cfg)
+    dtype_name = model_cfg.dtype
     dtype = torch_dtype(dtype_name)
     config = _hf_config(model_cfg)
     spec = model_spec(model_cfg, config.model_type)
@@ -118,10 +122,10 @@ def memory_estimate(model_cfg: Mapping[str, Any], method_cfg: Mapping[str, Any],
     gradients = 4 * trainable
     optimizer = 8 * trainable
 
-    b, s = int(train_cfg.get("batch_size", 1)), int(train_cfg.get("seq_len", 1))
+    b, s = train_cfg.batch_size, train_cfg.seq_len
     L, h = num_layers(config, spec), hidden_size(config, spec)
     V = int(config.vocab_size)
-    mp = str(train_cfg.get("mixed_precision", "no"))
+    mp = train_cfg.mixed_precision
     e = 2 if (dtype_name in _SIXTEEN_BIT or mp in ("bf16", "fp16")) else 4
     activations = (L * b * s * 34 * h * e) // 2 + 8 * b * s * V
 
@@ -135,7 +139,7 @@ def memory_estimate(model_cfg: Mapping[str, Any], method_cfg: Mapping[str, Any],
         gathered = (2 * max(layer_numels, default=0) + outside) * el if n > 1 else 0
         per_process = -(-states // n) + gathered + activations
     return {
-        "model": model_cfg.get("name"), "model_type": config.model_type, "method": method_cfg.get("name"),
+        "model": model_cfg.name, "model_type": config.model_type, "method": method_cfg.name,
         "dtype": dtype_name, "num_processes": n, "sharding": sharding,
         "params_total": params_total, "params_trainable": trainable, "params_added": added,
         "weights_bytes": weights, "gradients_bytes": gradients, "optimizer_bytes": optimizer,
@@ -176,22 +180,22 @@ def check_sequence_lengths(cfg, keys: tuple[str, ...] = ("train.seq_len", "eval.
 
 def estimate_for_config(cfg) -> dict[str, Any]:
     """memory_estimate for a composed run config (processes and sharding from its ``launcher``)."""
-    from omegaconf import OmegaConf
 
-    launcher = cfg.get("launcher") or {}
     # inside a launched process the real count wins (e.g. `accelerate launch --num_processes 8` by hand)
-    n = int(os.environ.get("WORLD_SIZE") or launcher.get("num_processes", 1) or 1)
+    n = int(os.environ.get("WORLD_SIZE") or group_of(cfg, "launcher").num_processes)
     from gain_cli.training.sharding import requested_sharding
 
     sharding = requested_sharding(cfg)  # train.sharding, or implied by launcher.accelerate_config
     if sharding == "auto":  # fsdp for methods that train every weight (gain_cli.training.sharding)
         from gain_cli.methods import method_class
 
-        method = OmegaConf.to_container(cfg.method, resolve=True)  # the class's flag; l2 / ewc: their method.base
-        every = getattr(method_class(method, strict=False), "trains_every_weight", False)
-        sharding = "fsdp" if (every or method.get("base") == "full_ft") and n > 1 else "none"
-    return memory_estimate(OmegaConf.to_container(cfg.model, resolve=True), OmegaConf.to_container(cfg.method, resolve=True),
-                           OmegaConf.to_container(cfg.train, resolve=True), num_processes=n, sharding=sharding)
+        # the class's flag; l2 / ewc: their method.base
+        from gain_cli.methods import method_config
+
+        every = getattr(method_class(cfg.method, strict=False), "trains_every_weight", False)
+        base = getattr(method_config(cfg.method), "base", None)
+        sharding = "fsdp" if (every or base == "full_ft") and n > 1 else "none"
+    return memory_estimate(cfg.model, cfg.method, cfg.train, num_processes=n, sharding=sharding)
 
 
 def gib(n_bytes: float) -> str:

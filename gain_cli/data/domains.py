@@ -25,8 +25,8 @@ from gain_cli.data.documents import read_documents, write_documents
 from gain_cli.data.tiny import GENERATORS, build_tiny
 from gain_cli.errors import GainError, unknown_choice
 from gain_cli.io import atomic_write_with
+from gain_cli.schemas.run import DomainsConfig
 
-SOURCES = ("tiny", "demo", "files", "hub")
 SPLITS = ("train", "validation")
 
 
@@ -47,15 +47,9 @@ def domain_files(root: Path, name: str) -> Domain:
 def ensure_domains(domains_cfg: Mapping[str, Any], cache_dir: str | Path, log=print, overwrite: bool = False) -> list[Domain]:
     """Return the domains of the sequence, building missing data when the source can (a demo build refuses a
     non-empty ``domains.root`` that gain did not build, unless ``overwrite``)."""
-    source = domains_cfg.get("source", "files")
-    if source not in SOURCES:
-        raise unknown_choice("domains.source", source, SOURCES)
-    sequence = list(domains_cfg.get("sequence") or [])
-    if not sequence:
-        raise GainError(f"domain set '{domains_cfg.get('name')}' has an empty sequence")
-    if len(set(sequence)) != len(sequence):
-        raise GainError(f"domain set '{domains_cfg.get('name')}' lists a domain twice: {sequence}")
-    root = Path(str(domains_cfg["root"]))
+    domains_cfg = DomainsConfig.of(domains_cfg)  # source, a non-empty sequence without repeats: checked there
+    source, sequence = domains_cfg.source, list(domains_cfg.sequence)
+    root = Path(str(domains_cfg.root))
     domains = [domain_files(root, d) for d in sequence]
     missing = [d for d in domains if not (d.train.is_file() and d.validation.is_file())]
     if source == "tiny":
@@ -87,7 +81,7 @@ def ensure_domains(domains_cfg: Mapping[str, Any], cache_dir: str | Path, log=pr
 
 
 def _materialize_hub(domains_cfg: Mapping[str, Any], d: Domain, log) -> None:
-    spec = (domains_cfg.get("hub") or {}).get(d.name)
+    spec = DomainsConfig.of(domains_cfg).hub.get(d.name)
     if not spec:
         raise GainError(f"domain '{d.name}' has no entry under domains.hub (dataset path, name, revision, splits, "
                         "text_field)")

@@ -16,6 +16,7 @@ from typing import Any
 
 from gain_cli.errors import GainError
 from gain_cli.io import read_jsonl_objects
+from gain_cli.schemas.run import HarnessConfig
 
 BUILTIN_CLOZE = Path(__file__).resolve().parents[1] / "data" / "cloze_tiny.jsonl"
 CLOZE_TEMPLATE = Path(__file__).resolve().parent / "tasks" / "cloze_local.yaml"
@@ -48,7 +49,7 @@ def load_cloze_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 def cloze_source(cfg: dict[str, Any]) -> Path:
     """The cloze file of the harness config: ``cloze_path`` (null/"builtin": the packaged file)."""
-    path = cfg.get("cloze_path")
+    path = HarnessConfig.of(cfg).cloze_path
     if path is None or str(path).strip().lower() in BUILTIN_NAMES:
         return BUILTIN_CLOZE
     p = Path(os.path.expanduser(str(path))).resolve()

@@ -48,6 +48,7 @@ from gain_cli.evaluation.jsonl_tasks import (
 from gain_cli.io import read_jsonl_objects
 from gain_cli.models.kv_cache import no_kv_cache
 from gain_cli.models.loading import hub_offline
+from gain_cli.schemas.run import HarnessConfig
 
 log = logging.getLogger(__name__)
 
@@ -57,20 +58,6 @@ BOOLQ_FIELDS = ("question", "passage", "label")
 BOOLQ_CHOICES = ("no", "yes")          # lm-eval's doc_to_choice for boolq; index = label
 TARGET_DELIMITER = " "                 # lm-eval's default target_delimiter
 BUILTIN_NAMES = ("builtin", "tiny")    # boolq_path values that select the packaged file
-
-HARNESS_DEFAULTS: dict[str, Any] = {
-    "enabled": True,
-    "tasks": ["boolq"],
-    "boolq_path": None,      # null: stock task online / packaged file offline; "builtin": packaged file; or a path
-    "boolq_balanced": True,  # local BoolQ file in yes/no/yes/no order (each side in file order): any first N balanced
-    "cloze_path": None,      # task `cloze`: a LAMBADA-format JSONL; null/"builtin": the packaged 16-item file
-    "limit": None,           # int: first N items per task; float in (0, 1): that fraction
-    "batch_size": 8,
-    "num_fewshot": 0,         # int: every task; {task: n}: per task (a task not named: 0); null: the task's own default
-    "bootstrap_iters": 1000,  # only for bootstrapped stderrs (e.g. perplexity); acc has a closed form
-    "progress": False,        # lm-eval / datasets progress bars
-    "save_samples": False,    # also keep lm-eval's per-item samples files next to each row's results file
-}
 
 # lm-eval messages that are expected every time a model object is passed in; not worth a warning per stage.
 _EXPECTED_LMEVAL_WARNINGS = (
@@ -198,11 +185,7 @@ def resolve_harness_cfg(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
     """Defaults filled in and values checked (GainError on unknown keys or bad values). A per-task ``limit`` or
     ``num_fewshot`` mapping comes back keyed by every entry of ``tasks`` (limit: null, num_fewshot: 0 where the
     mapping names no value)."""
-    raw = dict(cfg or {})
-    unknown = sorted(set(raw) - set(HARNESS_DEFAULTS))
-    if unknown:
-        raise GainError(f"unknown eval.harness key(s) {', '.join(unknown)} (valid: {', '.join(HARNESS_DEFAULTS)})")
-    out = {**HARNESS_DEFAULTS, **{k: v for k, v in raw.items()}}
+    out = HarnessConfig.of(cfg).to_dict()  # defaults, types and ranges (gain_cli/schemas/run.py)
     tasks = out["tasks"]
     if isinstance(tasks, str):
         tasks = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -224,20 +207,12 @@ def resolve_harness_cfg(cfg: Mapping[str, Any] | None) -> dict[str, Any]:
         out["num_fewshot"] = {t: _one_fewshot(shots.get(t, 0), f"eval.harness.num_fewshot.{t}") for t in tasks}
     else:
         out["num_fewshot"] = _one_fewshot(nf, "eval.harness.num_fewshot")
-    bs = out["batch_size"]
-    if isinstance(bs, bool) or not ((isinstance(bs, int) and bs >= 1) or (isinstance(bs, str) and bs.startswith("auto"))):
-        raise GainError(f"eval.harness.batch_size must be a positive integer or 'auto', got {bs!r}")
-    out["enabled"] = bool(out["enabled"])
-    out["boolq_balanced"] = bool(out["boolq_balanced"])
-    out["progress"] = bool(out["progress"])
-    out["save_samples"] = bool(out["save_samples"])
-    out["bootstrap_iters"] = int(out["bootstrap_iters"])
     return out
 
 
 def boolq_source(cfg: Mapping[str, Any]) -> Path | None:
     """The local BoolQ file to evaluate on, or None for lm-eval's stock (hub) task."""
-    path = cfg.get("boolq_path")
+    path = HarnessConfig.of(cfg).boolq_path
     if path is not None and str(path).strip().lower() in BUILTIN_NAMES:
         return BUILTIN_BOOLQ
     if path:
@@ -607,7 +582,7 @@ def harness_results(model: torch.nn.Module, tokenizer: Any, cfg: Mapping[str, An
         if name == "boolq":
             source = boolq_source(cfg)
             if source is not None:
-                if source == BUILTIN_BOOLQ and not cfg.get("boolq_path"):
+                if source == BUILTIN_BOOLQ and not cfg["boolq_path"]:
                     log.info("hub offline: BoolQ evaluated on the packaged 24-item set (%s)", BUILTIN_BOOLQ)
                 local_dir = write_boolq_task(source, work_dir, cfg["boolq_balanced"])
                 specs.append(str(local_dir / "boolq.yaml"))
@@ -761,7 +736,7 @@ def run_harness(model: torch.nn.Module, tokenizer: Any, cfg: Mapping[str, Any] |
 
     ``per_item`` is the list of per-doc ``acc`` values (0.0/1.0) in doc order (lm-eval's logged samples; its mean is
     ``acc`` and its length ``n``), for confidence intervals by bootstrap over items. ``cfg`` is the eval config's
-    ``harness`` block (see HARNESS_DEFAULTS); ``work_dir`` receives the local task YAML, the normalised BoolQ file and
+    ``harness`` block (gain_cli.schemas.run.HarnessConfig); ``work_dir`` receives the local task YAML, the normalised BoolQ file and
     its datasets cache; ``results_dir`` (when given) lm-eval's own results files (``save_lm_eval_results``). Returns
     {} when disabled. The model's train/eval modes, the global random streams and the weights are as before.
     """

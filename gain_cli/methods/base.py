@@ -14,7 +14,8 @@ replays the same calls with ``load_state_dict`` instead of training::
     model = method.attach(model); method.load_state_dict(model, state); model = method.finish_stage(model)
 
 A method is added in one place: a module in ``gain_cli/methods/`` with a ``Method``
-subclass registered by ``@register("kind")`` and a YAML in ``configs/method/``. Penalties toward the previous
+subclass registered by ``@register("kind", config=ItsConfig)`` (a :class:`MethodConfig` subclass: its settings'
+types, defaults, help and checks; ``gain info method NAME`` prints them) and a YAML in ``configs/method/``. Penalties toward the previous
 stage (``method.penalty``: l2, ewc) are separate objects any method carries (``gain_cli.methods.penalties``); a
 method only says what its stage's change is (``penalty_weights``, ``displacements``).
 """
@@ -31,6 +32,7 @@ from torch import nn
 
 from gain_cli.architectures import ArchSpec
 from gain_cli.errors import GainError
+from gain_cli.schemas.typed import Section, between, non_negative, section, setting
 
 METHOD_KINDS: dict[str, type["Method"]] = {}
 PENALTIES: dict[str, type] = {}  # name -> gain_cli.methods.penalties.Penalty subclass (method.penalty)
@@ -49,9 +51,25 @@ class StageContext:
     accelerator: Any
 
 
-def register(kind: str):
+@section("method")
+class MethodConfig(Section):
+    """The settings every method has; a method's own config class adds its fields."""
+
+    name: str = setting("", "the config's name (configs/method/<name>.yaml; its runs' folder); default: the kind")
+    kind: str = setting("", "the registered method kind (gain_cli/methods/)")
+    lr: float = setting(1.0e-4, "AdamW learning rate of the method's trainable parameters",
+                        check=between(0, 1, "a number in (0, 1]", open_lo=True))
+    weight_decay: float | None = setting(0.0, "AdamW weight decay (null: 0)", check=non_negative())
+    penalty: Any = setting(None, "a penalty toward the previous stage: l2 | ewc | {name: ewc, lambda: ..., ...} "
+                           "(gain_cli/methods/penalties.py)")
+
+
+def register(kind: str, config: type[MethodConfig] = MethodConfig):
+    """Register a ``Method`` subclass under ``kind`` with its config class."""
+
     def deco(cls: type[Method]) -> type[Method]:
         cls.kind = kind
+        cls.config = config
         METHOD_KINDS[kind] = cls
         return cls
 
@@ -71,6 +89,7 @@ class Method(ABC):
     """Base class. ``cfg`` is the method's config group (``configs/method/<name>.yaml``)."""
 
     kind: ClassVar[str] = ""
+    config: ClassVar[type[MethodConfig]] = MethodConfig
     mergeable: ClassVar[bool] = True  # False: adapted model is not a single plain HF model (IMSM)
     cumulative_state: ClassVar[bool] = False  # True: the last stage's state alone rebuilds the model
     # why the method cannot train sharded (train.sharding=fsdp); None: it can (open/close_sharded_stage below)
@@ -79,10 +98,10 @@ class Method(ABC):
     # labels; gain_cli.training.drift); None: it can
     boundary_refusal: ClassVar[str | None] = None
 
-    def __init__(self, cfg: Mapping[str, Any], spec: ArchSpec):
-        self.cfg = dict(cfg)
+    def __init__(self, cfg: Mapping[str, Any] | MethodConfig, spec: ArchSpec):
+        self.cfg = type(self).config.of(cfg)
         self.spec = spec
-        self.name = str(self.cfg.get("name", self.kind))
+        self.name = self.cfg.name or self.kind
 
     def check_model(self, model: nn.Module) -> None:
         """A one-line GainError when the method cannot attach to ``model`` (called before the run starts)."""
@@ -98,8 +117,7 @@ class Method(ABC):
     def optimizer_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """AdamW parameter groups; the learning rate is the method's own (``method.lr``)."""
         params = [p for _, p in self.trainable_parameters(model)]
-        return [{"params": params, "lr": float(self.cfg.get("lr", 1e-4)),
-                 "weight_decay": float(self.cfg.get("weight_decay", 0.0))}]
+        return [{"params": params, "lr": float(self.cfg.lr), "weight_decay": float(self.cfg.weight_decay or 0.0)}]
 
     def regularization(self, model: nn.Module) -> torch.Tensor | None:
         """Extra loss term added to the LM loss (e.g. L2 pull of the gains toward 1)."""

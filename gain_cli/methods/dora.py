@@ -12,10 +12,10 @@ from __future__ import annotations
 from torch import nn
 
 from gain_cli.methods.base import per_layer_formula, register
-from gain_cli.methods.lora import Lora, lora_config
+from gain_cli.methods.lora import Lora, LoraConfig, lora_config
 
 
-@register("dora")
+@register("dora", config=LoraConfig)
 class Dora(Lora):
     sharding_refusal = "its magnitude vector rescales whole weight rows (no sharded implementation)"
 

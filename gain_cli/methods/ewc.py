@@ -43,11 +43,20 @@ from __future__ import annotations
 import torch
 
 from gain_cli.methods.base import register
-from gain_cli.methods.l2 import OnBaseMethod
-from gain_cli.methods.penalties import EwcPenalty
+from gain_cli.methods.l2 import L2Config, OnBaseMethod
+from gain_cli.methods.penalties import EwcPenalty, EwcPenaltyConfig
+from gain_cli.schemas.typed import non_negative, section, setting
 
 
-@register("ewc")
+@section("method")
+class EwcConfig(EwcPenaltyConfig, L2Config):
+    """EWC on full FT or LoRA: the penalty's settings (lambda, fisher_*) at the method's top level."""
+
+    strength: float = setting(1.0e6, "λ: sweep it (mini-batch Fisher entries are small)", key="lambda",
+                              check=non_negative())
+
+
+@register("ewc", config=EwcConfig)
 class EWC(OnBaseMethod):
     penalty_name = "ewc"
     boundary_refusal = EwcPenalty.boundary_refusal

@@ -8,11 +8,18 @@ import torch
 from torch import nn
 
 from gain_cli.errors import GainError
-from gain_cli.methods.base import Method, register
+from gain_cli.methods.base import Method, MethodConfig, register
+from gain_cli.schemas.typed import between, section, setting
 from gain_cli.training.sharding import full, is_main_rank, is_partitioned, set_full_
 
 
-@register("full_ft")
+@section("method")
+class FullFtConfig(MethodConfig):
+    lr: float = setting(2.0e-5, "AdamW learning rate of every weight (ours)",
+                        check=between(0, 1, "a number in (0, 1]", open_lo=True))
+
+
+@register("full_ft", config=FullFtConfig)
 class FullFT(Method):
     """Sharded, every weight is a DTensor: the state is gathered one weight at a time and kept by the main
     process only (the other processes get an empty dict: only the main process writes it)."""

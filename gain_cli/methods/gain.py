@@ -43,9 +43,11 @@ from typing import Any
 
 import torch
 from torch import nn
+
 from gain_cli.architectures import decoder_layers, get_submodule, in_features, is_transposed
-from gain_cli.errors import GainError, unknown_choice
-from gain_cli.methods.base import Method, check_state_keys, freeze, register
+from gain_cli.errors import GainError
+from gain_cli.methods.base import Method, MethodConfig, check_state_keys, freeze, register
+from gain_cli.schemas.typed import between, non_negative, section, setting
 from gain_cli.training.sharding import (full, global_sum, is_dtensor, local, mul_replicated_, reshard, set_full_,
                                        shape_of)
 
@@ -133,26 +135,29 @@ def module_label(path: str, spec) -> str:
     return {spec.attn_out: "attn", spec.ffn_down: "ffn"}.get(path, path)
 
 
-@register("gain")
+@section("method")
+class GainConfig(MethodConfig):
+    modules: Any = setting(["attn", "ffn"], "where s scales the inputs: attn (the attention output projection) | ffn "
+                           "(the FFN down projection) | both | module paths relative to a decoder layer; GAIN-attn is "
+                           "[attn], GAIN-FFN [attn, ffn] (the paper's two variants)", paper=True)
+    parametrization: str = setting("plain", "plain: s | exp: s = exp(log_s)", choices=PARAMETRIZATIONS)
+    l2: float = setting(0.0, "strength of sum((s - 1)^2) added to the loss; 0: off", check=non_negative())
+    carry: str = setting("auto", "merge: fold s into the weights after each stage | product: keep an fp32 running "
+                         "product | auto: product for 16-bit weights", choices=CARRY_MODES)
+    lr: float = setting(3.0e-3, "AdamW learning rate of s (ours; the paper's is not public)",
+                        check=between(0, 1, "a number in (0, 1]", open_lo=True))
+
+
+@register("gain", config=GainConfig)
 class Gain(Method):
     sharding_refusal = None
 
-    def __init__(self, cfg: Mapping[str, Any], spec):
+    def __init__(self, cfg: Mapping[str, Any] | GainConfig, spec):
         super().__init__(cfg, spec)
-        p = self.cfg.get("parametrization", "plain")
-        if p not in PARAMETRIZATIONS:
-            raise unknown_choice("method.parametrization", p, PARAMETRIZATIONS)
-        c = str(self.cfg.get("carry", "auto"))
-        if c not in CARRY_MODES:
-            raise unknown_choice("method.carry", c, CARRY_MODES)
-        self.parametrization, self.carry = p, c
-        try:
-            self.l2 = float(self.cfg.get("l2", 0.0) or 0.0)
-        except (TypeError, ValueError):
-            raise GainError(f"method.l2 must be a number, got {self.cfg.get('l2')!r}") from None
+        self.parametrization, self.carry, self.l2 = self.cfg.parametrization, self.cfg.carry, float(self.cfg.l2)
 
     def _module_paths(self) -> list[str]:
-        return module_paths(self.cfg.get("modules"), self.spec)
+        return module_paths(self.cfg.modules, self.spec)
 
     def _targets(self, model: nn.Module) -> list[tuple[str, nn.Module, str]]:
         """(parameter-name prefix, attribute owner, attribute name) for every target, in layer order."""

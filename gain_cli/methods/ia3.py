@@ -18,21 +18,18 @@ State: ``get_peft_model_state_dict`` / ``set_peft_model_state_dict``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
-
 from gain_cli.errors import GainError
-from gain_cli.methods.base import register
+from gain_cli.methods.base import MethodConfig, register
 from gain_cli.methods.lora import PeftMethod
+from gain_cli.schemas.typed import between, section, setting
 
 
 def default_ia3_modules(spec) -> tuple[list[str], list[str]]:
     """(targets, feedforward modules): PEFT's stock defaults for ``spec.model_type``, else the table's."""
-    from peft.utils.constants import (
-        TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FF,
-        TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS,
-    )
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FF
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS
 
     if spec.ia3_targets:
         return list(spec.ia3_targets), list(spec.ia3_feedforward)
@@ -72,12 +69,22 @@ def feedforward_among(targets: list[str], default_ff: list[str]) -> list[str]:
     return ff
 
 
-def ia3_config(cfg: Mapping[str, Any], spec):
+@section("method")
+class Ia3Config(MethodConfig):
+    target_modules: Any = setting(None, "modules whose outputs (or, for feedforward ones, inputs) a vector scales; "
+                                  "null: PEFT's default (IA)3 targets for the architecture (llama: k_proj, v_proj, "
+                                  "down_proj)")
+    feedforward_modules: Any = setting(None, "the targets scaled on their input; null: PEFT's defaults among them")
+    lr: float = setting(3.0e-3, "AdamW learning rate of the vectors (ours)",
+                        check=between(0, 1, "a number in (0, 1]", open_lo=True))
+
+
+def ia3_config(cfg: Ia3Config, spec):
     """A PEFT ``IA3Config`` from a method config (``target_modules``, ``feedforward_modules``)."""
     from peft import IA3Config
 
-    targets = _as_list(cfg.get("target_modules"))
-    ff = _as_list(cfg.get("feedforward_modules"))
+    targets = _as_list(cfg.target_modules)
+    ff = _as_list(cfg.feedforward_modules)
     if targets is None:
         targets, default_ff = default_ia3_modules(spec)
         if ff is None:
@@ -95,7 +102,7 @@ def ia3_config(cfg: Mapping[str, Any], spec):
                      fan_in_fan_out=spec.transposed_weights, task_type="CAUSAL_LM")
 
 
-@register("ia3")
+@register("ia3", config=Ia3Config)
 class IA3(PeftMethod):
     def peft_config(self):
         return ia3_config(self.cfg, self.spec)

@@ -55,10 +55,11 @@ from torch import nn
 from transformers.modeling_outputs import CausalLMOutput
 
 from gain_cli.architectures import logit_softcap
-from gain_cli.errors import GainError, unknown_choice
+from gain_cli.errors import GainError
 from gain_cli.methods.base import Method, check_state_keys, freeze, register
 from gain_cli.methods.ia3 import ia3_config
 from gain_cli.methods.lora import (
+    LoraConfig,
     adapter_formula,
     attach_peft,
     check_peft_targets,
@@ -66,6 +67,7 @@ from gain_cli.methods.lora import (
     lora_config,
     peft_state,
 )
+from gain_cli.schemas.typed import at_least, between, section, setting
 
 BACKBONES = ("lora", "ia3")
 
@@ -184,21 +186,24 @@ class SiameseLM(nn.Module):
         return CausalLMOutput(loss=loss, logits=logits)
 
 
-@register("imsm")
+@section("method")
+class ImsmConfig(LoraConfig):
+    backbone: str = setting("lora", "the PEFT method of the tuned branch", choices=BACKBONES)
+    feedforward_modules: Any = setting(None, "ia3 backbone only: PEFT's feedforward modules among the targets")
+    gate_rank: int = setting(8, "rank of the gate's B·A (the IMSM paper's code: 8)", check=at_least(1))
+    gate_dropout: float = setting(0.0, "dropout inside the gate", check=between(0, 1, "a probability in [0, 1)",
+                                                                                open_hi=True))
+
+
+@register("imsm", config=ImsmConfig)
 class Imsm(Method):
     mergeable = False
     sharding_refusal = ("it runs two copies of the model (a frozen one and a tuned one) joined by a gate outside "
                         "the decoder layers, which FSDP's per-layer units do not cover")
 
-    def __init__(self, cfg: Mapping[str, Any], spec):
+    def __init__(self, cfg: Mapping[str, Any] | ImsmConfig, spec):
         super().__init__(cfg, spec)
-        self.backbone = str(self.cfg.get("backbone", "lora"))
-        if self.backbone not in BACKBONES:
-            raise unknown_choice("method.backbone", self.backbone, BACKBONES)
-        self.gate_rank = int(self.cfg.get("gate_rank", 8))
-        self.gate_dropout = float(self.cfg.get("gate_dropout", 0.0) or 0.0)
-        if self.gate_rank < 1:
-            raise GainError(f"method.gate_rank must be >= 1, got {self.gate_rank}")
+        self.backbone, self.gate_rank, self.gate_dropout = self.cfg.backbone, self.cfg.gate_rank, self.cfg.gate_dropout
 
     def peft_config(self):
         if self.backbone == "ia3":

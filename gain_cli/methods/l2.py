@@ -22,24 +22,32 @@ and for ``base: lora`` the LoRA settings r, alpha, dropout, target_modules).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
-from gain_cli.errors import unknown_choice
 from gain_cli.methods.base import Method, register
 from gain_cli.methods.full_ft import FullFT
-from gain_cli.methods.lora import Lora
+from gain_cli.methods.lora import Lora, LoraConfig
 from gain_cli.methods.penalties import L2Penalty, Penalized, build_penalty
+from gain_cli.schemas.typed import non_negative, section, setting
 
-BASES = ("full_ft", "lora")
+BASES = {"full_ft": FullFT, "lora": Lora}
 
 
-def build_base(cfg: Mapping[str, Any], spec) -> Method:
+@section("method")
+class L2Config(LoraConfig):
+    """An L2 pull on full FT or LoRA; the LoRA settings apply to ``base: lora`` only."""
+
+    base: str = setting("full_ft", "the method the penalty is put on", choices=tuple(BASES))
+    strength: float = setting(0.0, "λ, the penalty's strength (0: plain full FT / LoRA)", key="lambda",
+                              check=non_negative())
+
+
+def build_base(cfg: L2Config, spec) -> Method:
     """The full-FT or LoRA method that the l2 / ewc methods put their penalty on (``method.base``)."""
-    base = str(cfg.get("base", "full_ft"))
-    if base not in BASES:
-        raise unknown_choice("method.base", base, BASES)
-    inner = (FullFT if base == "full_ft" else Lora)(cfg, spec)
-    inner.name = str(cfg.get("name", inner.kind))
+    cls = BASES[cfg.base]
+    own = cls.config.fields_by_key()
+    inner = cls({k: v for k, v in cfg.to_dict().items() if k in own}, spec)
+    inner.name = cfg.name or inner.kind
     return inner
 
 
@@ -47,13 +55,16 @@ class OnBaseMethod(Penalized):
     """A penalty (named by the subclass's ``penalty``) on full FT or LoRA, settings at the method's top level."""
 
     penalty_name = ""
+    config: ClassVar[type[L2Config]] = L2Config
 
-    def __init__(self, cfg: Mapping[str, Any], spec):
+    def __init__(self, cfg: Mapping[str, Any] | L2Config, spec):
+        cfg = type(self).config.of(cfg)
         inner = build_base(cfg, spec)
-        super().__init__(inner, build_penalty(self.penalty_name, inner, {"lambda": 0.0, **dict(cfg)}))
+        super().__init__(inner, build_penalty(self.penalty_name, inner, cfg))
+        self.cfg = cfg
 
 
-@register("l2")
+@register("l2", config=L2Config)
 class L2(OnBaseMethod):
     penalty_name = "l2"
     boundary_refusal = L2Penalty.boundary_refusal

@@ -16,7 +16,8 @@ from torch import nn
 
 from gain_cli.architectures import decoder_layers
 from gain_cli.errors import GainError
-from gain_cli.methods.base import Method, check_state_keys, per_layer_formula, register
+from gain_cli.methods.base import Method, MethodConfig, check_state_keys, per_layer_formula, register
+from gain_cli.schemas.typed import at_least, between, positive, section, setting
 from gain_cli.training.sharding import (
     add_full_,
     full,
@@ -30,20 +31,35 @@ from gain_cli.training.sharding import (
 ADAPTER = "default"  # PEFT's adapter name (one adapter per stage)
 
 
-def lora_config(cfg: Mapping[str, Any], spec):
-    """A PEFT ``LoraConfig`` from a method config (``r``, ``alpha``, ``dropout``, ``target_modules``)."""
-    from peft import LoraConfig
+@section("method")
+class LoraConfig(MethodConfig):
+    """LoRA's settings (PEFT's ``LoraConfig``); DoRA, replay-LoRA, IMSM and the l2 / ewc methods on LoRA share them."""
 
-    targets = cfg.get("target_modules") or list(spec.lora_targets)
+    r: int = setting(8, "adapter rank", check=at_least(1))
+    alpha: float = setting(16, "scale numerator: the adapter's delta is (alpha / r) · B A",
+                           check=positive("a finite number > 0 (LoRA's scale is alpha / r)"))
+    dropout: float = setting(0.0, "dropout on the adapter's input",
+                             check=between(0, 1, "a probability in [0, 1)", open_hi=True))
+    target_modules: Any = setting(None, "module names to adapt; null: the architecture table's defaults (attention "
+                                  "projections)")
+    lr: float = setting(2.0e-4, "AdamW learning rate of the adapter (ours)",
+                        check=between(0, 1, "a number in (0, 1]", open_lo=True))
+
+
+def lora_config(cfg: LoraConfig, spec):
+    """A PEFT ``LoraConfig`` from a method config (``r``, ``alpha``, ``dropout``, ``target_modules``)."""
+    from peft import LoraConfig as PeftLoraConfig
+
+    targets = cfg.target_modules or list(spec.lora_targets)
     if isinstance(targets, str):
         targets = [targets]
     if not targets:
         raise GainError(f"no LoRA target modules for architecture '{spec.model_type}': set method.target_modules "
                         "or model.arch_overrides.lora_targets")
-    return LoraConfig(
-        r=int(cfg.get("r", 8)),
-        lora_alpha=float(cfg.get("alpha", 16)),
-        lora_dropout=float(cfg.get("dropout", 0.0)),
+    return PeftLoraConfig(
+        r=int(cfg.r),
+        lora_alpha=float(cfg.alpha),
+        lora_dropout=float(cfg.dropout),
         target_modules=list(targets),
         bias="none",
         fan_in_fan_out=spec.transposed_weights,
@@ -268,7 +284,7 @@ class PeftMethod(Method):
         return adapter_formula(model, self.spec)
 
 
-@register("lora")
+@register("lora", config=LoraConfig)
 class Lora(PeftMethod):
     # a penalty measures ΔW = scale · B A of each adapted weight (the distance to the previous merged model): no
     # anchor copy; EWC's Fisher is taken w.r.t. the adapted base weights
@@ -282,8 +298,9 @@ class Lora(PeftMethod):
 
     def table_trainable(self, model: nn.Module) -> int:
         """r · (in + out) of every targeted 2-D projection of the decoder layers."""
-        r = int(self.cfg.get("r", 8))
-        targets = tuple(self.cfg.get("target_modules") or self.spec.lora_targets)
+        r = int(self.cfg.r)
+        targets = self.cfg.target_modules or self.spec.lora_targets
+        targets = (targets,) if isinstance(targets, str) else tuple(targets)
         n = 0
         for layer in decoder_layers(model, self.spec):
             for name, mod in layer.named_modules():

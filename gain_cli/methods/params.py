@@ -27,6 +27,7 @@ from gain_cli.models.skeletons import (  # noqa: F401  (tests)
     config_without_weights,
     meta_skeleton,
 )
+from gain_cli.schemas.run import ModelConfig
 
 
 def _unique_numel(params) -> int:
@@ -41,7 +42,7 @@ def _unique_numel(params) -> int:
 def build_meta_model(model_cfg: Mapping[str, Any]):
     """The model's skeleton (``*ForCausalLM``) on the meta device, from ``model_cfg["hf_config"]`` alone."""
     config, note = config_without_weights(model_cfg, missing_vocab="fallback")
-    model = meta_skeleton(config, torch_dtype(str(model_cfg.get("dtype", "float32"))))
+    model = meta_skeleton(config, torch_dtype(ModelConfig.of(model_cfg).dtype))
     model.gain_meta_note = note
     return model
 
@@ -51,8 +52,8 @@ def count_method_params(model_cfg: Mapping[str, Any], method_cfg: Mapping[str, A
     model = build_meta_model(model_cfg)
     note = model.gain_meta_note
     n_model = _unique_numel(model.parameters())
-    spec = arch_for(model.config.model_type, dict(model_cfg.get("arch_overrides") or {}))
-    method = build_method(dict(method_cfg), spec)
+    spec = arch_for(model.config.model_type, dict(ModelConfig.of(model_cfg).arch_overrides))
+    method = build_method(method_cfg, spec)
     with torch.device("meta"):
         adapted = method.attach(model)
     trainable = method.count_trainable(adapted)

@@ -33,6 +33,7 @@ from torch import nn
 
 from gain_cli.errors import GainError, unknown_choice
 from gain_cli.methods.base import PENALTIES, Method, StageContext, check_state_keys, register_penalty
+from gain_cli.schemas.typed import Section, at_least, non_negative, section, setting
 
 ACCUMULATE = ("sum", "mean")
 
@@ -44,24 +45,35 @@ def split_state(state: Mapping[str, torch.Tensor], prefix: str) -> tuple[dict[st
     return own, rest
 
 
+@section("method.penalty")
+class L2PenaltyConfig(Section):
+    strength: float = setting(1.0, "λ, the penalty's strength (0: off)", key="lambda", check=non_negative())
+
+
+@section("method.penalty")
+class EwcPenaltyConfig(L2PenaltyConfig):
+    strength: float = setting(1.0e6, "λ, the penalty's strength: sweep it (mini-batch Fisher entries are small)",
+                              key="lambda", check=non_negative())
+    fisher_batches: int = setting(4, "batches of the finished domain's training blocks for the Fisher estimate",
+                                  check=((lambda v: v >= 1), ">= 1"))
+    fisher_batch_size: int | None = setting(None, "sequences per Fisher batch (null: train.batch_size)",
+                                            check=at_least(1))
+    fisher_accumulate: str = setting("sum", "sum: F += F_k (online EWC) | mean: running mean over the finished "
+                                     "domains", choices=ACCUMULATE)
+
+
 class Penalty:
     """A loss term toward the previous stage, carried by a host method (hooks called by :class:`Penalized`)."""
 
     name: ClassVar[str] = ""
     prefixes: ClassVar[tuple[str, ...]] = ()  # its keys in the stage state
-    defaults: ClassVar[dict[str, Any]] = {}
+    config: ClassVar[type[L2PenaltyConfig]] = L2PenaltyConfig
     boundary_refusal: ClassVar[str] = "it needs stage boundaries"
 
-    def __init__(self, cfg: Mapping[str, Any], host: Method):
-        self.cfg = {**self.defaults, **{k: v for k, v in cfg.items() if v is not None or k not in self.defaults}}
+    def __init__(self, cfg: Mapping[str, Any] | L2PenaltyConfig, host: Method, prefix: str = "method.penalty"):
+        self.cfg = self.config.of(cfg, prefix)
         self.host = host
-        lam = self.cfg.get("lambda", 0.0)
-        try:
-            self.lam = float(lam or 0.0)
-        except (TypeError, ValueError):
-            raise GainError(f"method.lambda must be a number, got {lam!r}") from None
-        if self.lam < 0:
-            raise GainError(f"method.lambda must be >= 0, got {self.lam}")
+        self.lam = float(self.cfg.strength)
 
     @property
     def active(self) -> bool:
@@ -110,11 +122,10 @@ class Penalty:
 @register_penalty("l2")
 class L2Penalty(Penalty):
     prefixes = ("l2_anchor/",)
-    defaults = {"lambda": 1.0}
     boundary_refusal = "it needs stage boundaries: its penalty pulls toward the weights the previous stage ended with"
 
-    def __init__(self, cfg: Mapping[str, Any], host: Method):
-        super().__init__(cfg, host)
+    def __init__(self, cfg: Mapping[str, Any] | L2PenaltyConfig, host: Method, prefix: str = "method.penalty"):
+        super().__init__(cfg, host, prefix)
         self.anchor: dict[str, torch.Tensor] | None = None
         self._final: float | None = None
 
@@ -151,18 +162,13 @@ class L2Penalty(Penalty):
 @register_penalty("ewc")
 class EwcPenalty(Penalty):
     prefixes = ("ewc_fisher/", "ewc_anchor/", "ewc_meta/")
-    defaults = {"lambda": 1.0e6, "fisher_batches": 4, "fisher_batch_size": None, "fisher_accumulate": "sum"}
+    config = EwcPenaltyConfig
     boundary_refusal = ("it needs stage boundaries: its penalty anchors the weights where each finished domain's "
                         "stage ended, weighted by a Fisher estimate on that domain's data")
 
-    def __init__(self, cfg: Mapping[str, Any], host: Method):
-        super().__init__(cfg, host)
-        self.accumulate = str(self.cfg.get("fisher_accumulate", "sum"))
-        if self.accumulate not in ACCUMULATE:
-            raise unknown_choice("method.fisher_accumulate", self.accumulate, ACCUMULATE)
-        self.fisher_batches = int(self.cfg.get("fisher_batches", 4))
-        if self.fisher_batches < 1:
-            raise GainError(f"method.fisher_batches must be >= 1, got {self.fisher_batches}")
+    def __init__(self, cfg: Mapping[str, Any] | EwcPenaltyConfig, host: Method, prefix: str = "method.penalty"):
+        super().__init__(cfg, host, prefix)
+        self.accumulate, self.fisher_batches = self.cfg.fisher_accumulate, self.cfg.fisher_batches
         self.fisher: dict[str, torch.Tensor] | None = None
         self.anchor: dict[str, torch.Tensor] | None = None
         self.n_domains = 0
@@ -211,7 +217,7 @@ class EwcPenalty(Penalty):
         fp32, in eval mode; the batches drawn from the stage's training blocks with a generator seeded by (seed,
         stage). Every process computes the same batches, so the estimate needs no communication."""
         seq_len = int(ctx.train_cfg["seq_len"])
-        bs = int(self.cfg.get("fisher_batch_size") or ctx.train_cfg["batch_size"])
+        bs = int(self.cfg.fisher_batch_size or ctx.train_cfg["batch_size"])
         blocks = ctx.data.blocks(ctx.domain, "train", seq_len)
         need = self.fisher_batches * bs
         g = torch.Generator().manual_seed(1_000_003 * int(ctx.seed) + int(ctx.stage) + 7_919_000)
@@ -277,11 +283,17 @@ def build_penalty(spec: Any, host: Method, flat: Mapping[str, Any] | None = None
     if isinstance(spec, Mapping):
         settings = dict(spec)
         name = settings.pop("name", None)
+        prefix = "method.penalty"
     else:
-        name, settings = spec, dict(flat or {})
+        name, prefix = spec, "method"
     if name not in PENALTIES:
         raise unknown_choice("method.penalty", name, PENALTIES)
-    return PENALTIES[name](settings, host)
+    cls = PENALTIES[name]
+    if not isinstance(spec, Mapping):  # the l2 / ewc methods: the penalty's keys among the method's own settings
+        own = cls.config.fields_by_key()
+        flat = flat.to_dict() if isinstance(flat, Section) else dict(flat or {})
+        settings = {k: v for k, v in flat.items() if k in own}
+    return cls(settings, host, prefix)
 
 
 class Penalized(Method):

@@ -40,7 +40,9 @@ import torch
 
 from gain_cli.errors import GainError
 from gain_cli.methods.base import StageContext, register
-from gain_cli.methods.lora import Lora
+from gain_cli.methods.lora import Lora, LoraConfig
+from gain_cli.schemas.run import TrainConfig
+from gain_cli.schemas.typed import between, section, setting
 
 
 def _generator(seed: int, stage: int, salt: int) -> torch.Generator:
@@ -66,22 +68,27 @@ def replay_slots(n: int, fraction: float) -> torch.Tensor:
 def stage_sequences(train_cfg: Mapping[str, Any], accelerator) -> int:
     """How many sequences the training loop takes for one stage."""
     world = int(getattr(accelerator, "num_processes", 1) or 1)
-    return int(train_cfg["steps"]) * int(train_cfg["batch_size"]) * int(train_cfg.get("grad_accum", 1)) * world
+    train = TrainConfig.of(train_cfg)
+    return train.steps * train.batch_size * train.grad_accum * world
 
 
-@register("lora_replay")
+@section("method")
+class ReplayConfig(LoraConfig):
+    replay_fraction: float = setting(0.1, "share of each stage's training sequences taken from earlier domains "
+                                     "(compute-matched: they replace new-domain ones)",
+                                     check=between(0, 1, "in [0, 1)", open_hi=True))
+    buffer_blocks: int = setting(64, "replay buffer per earlier domain, in packed blocks of train.seq_len tokens",
+                                 check=((lambda v: v >= 1), ">= 1"))
+
+
+@register("lora_replay", config=ReplayConfig)
 class LoraReplay(Lora):
     boundary_refusal = ("it needs stage boundaries and domain labels: each stage mixes in buffers of the earlier "
                         "domains' training data, chosen by domain")
 
     def __init__(self, cfg: Mapping[str, Any], spec):
         super().__init__(cfg, spec)
-        self.fraction = float(self.cfg.get("replay_fraction", 0.1))
-        if not 0.0 <= self.fraction < 1.0:
-            raise GainError(f"method.replay_fraction must be in [0, 1), got {self.fraction}")
-        self.buffer_blocks = int(self.cfg.get("buffer_blocks", 64))
-        if self.buffer_blocks < 1:
-            raise GainError(f"method.buffer_blocks must be >= 1, got {self.buffer_blocks}")
+        self.fraction, self.buffer_blocks = float(self.cfg.replay_fraction), int(self.cfg.buffer_blocks)
         self._info: dict[str, Any] = {}
         self._composed = False  # the last stage_blocks are the stage's exact sequence (a replay mix)
 

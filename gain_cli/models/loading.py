@@ -23,8 +23,8 @@ from gain_cli.models.pretrain import pretrained_tiny
 from gain_cli.models.skeletons import hf_config_from
 from gain_cli.models.smollm2 import ensure_smollm2
 from gain_cli.models.tokenizers import byte_tokenizer
+from gain_cli.schemas.run import ModelConfig
 
-SOURCES = ("config", "pretrained", "smollm2")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -34,9 +34,9 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def model_spec(model_cfg: Mapping[str, Any], model_type: str | None = None) -> ArchSpec:
-    model_type = model_type or (model_cfg.get("hf_config") or {}).get("model_type")
-    return arch_for(model_type, dict(model_cfg.get("arch_overrides") or {}))
+def model_spec(model_cfg: Mapping[str, Any] | ModelConfig, model_type: str | None = None) -> ArchSpec:
+    model = ModelConfig.of(model_cfg)
+    return arch_for(model_type or model.hf_config.get("model_type"), dict(model.arch_overrides))
 
 
 def _local_or_hub(path: str) -> tuple[str, bool]:
@@ -51,21 +51,22 @@ def hub_offline(datasets: bool = False) -> bool:
     return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in names)
 
 
-def load_tokenizer(model_cfg: Mapping[str, Any], model_dir: str | None):
+def load_tokenizer(model_cfg: Mapping[str, Any] | ModelConfig, model_dir: str | None):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    if model_cfg.get("tokenizer") == "bytes":
+    model = ModelConfig.of(model_cfg)
+    if model.tokenizer == "bytes":
         return byte_tokenizer()
-    src = model_cfg.get("tokenizer") or model_dir
+    src = model.tokenizer or model_dir
     if src is None:
-        raise GainError(f"model config '{model_cfg.get('name')}' names no tokenizer (set model.tokenizer or model.path)")
+        raise GainError(f"model config '{model.name}' names no tokenizer (set model.tokenizer or model.path)")
     src, _ = _local_or_hub(str(src))
     try:
         if Path(src).is_dir() and (Path(src) / "tokenizer.json").is_file():
             # AutoTokenizer may re-split text for some model types (e.g. qwen2); the fast file is authoritative.
             tok = PreTrainedTokenizerFast.from_pretrained(src)
         else:
-            tok = AutoTokenizer.from_pretrained(src, trust_remote_code=bool(model_cfg.get("trust_remote_code", False)))
+            tok = AutoTokenizer.from_pretrained(src, trust_remote_code=model.trust_remote_code)
     except (OSError, ValueError, TypeError) as exc:  # missing or unreadable tokenizer files
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise GainError(f"cannot load the tokenizer from '{src}': {first} (set model.tokenizer=PATH to a directory "
@@ -75,14 +76,13 @@ def load_tokenizer(model_cfg: Mapping[str, Any], model_dir: str | None):
     return tok
 
 
-def load_model(model_cfg: Mapping[str, Any], cache_dir: str | Path):
+def load_model(model_cfg: Mapping[str, Any] | ModelConfig, cache_dir: str | Path):
     """Return (model in eval mode, tokenizer) for a model config."""
     from transformers import AutoModelForCausalLM
 
-    source = model_cfg.get("source", "pretrained")
-    if source not in SOURCES:
-        raise GainError(f"unknown model.source '{source}' (valid: {', '.join(SOURCES)})")
-    dtype = torch_dtype(str(model_cfg.get("dtype", "float32")))
+    model_cfg = ModelConfig.of(model_cfg)
+    source = model_cfg.source
+    dtype = torch_dtype(model_cfg.dtype)
     if source == "config":
         tokenizer = load_tokenizer(model_cfg, None)
         config = hf_config_from(model_cfg, vocab_size=len(tokenizer))
@@ -90,17 +90,17 @@ def load_model(model_cfg: Mapping[str, Any], cache_dir: str | Path):
         config.eos_token_id = tokenizer.eos_token_id
         config.pad_token_id = tokenizer.pad_token_id
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(model_cfg.get("init_seed", 0)))
+            torch.manual_seed(model_cfg.init_seed)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        if model_cfg.get("pretrain"):
+        if model_cfg.pretrain is not None:
             model = pretrained_tiny(model, tokenizer, model_cfg, cache_dir)
         return model.eval(), tokenizer
     if source == "smollm2":
         path, is_local = str(ensure_smollm2(Path(cache_dir))), True
     else:
-        if not model_cfg.get("path"):
-            raise GainError(f"model config '{model_cfg.get('name')}' has source=pretrained but no model.path")
-        path, is_local = _local_or_hub(str(model_cfg["path"]))
+        if not model_cfg.path:
+            raise GainError(f"model config '{model_cfg.name}' has source=pretrained but no model.path")
+        path, is_local = _local_or_hub(str(model_cfg.path))
         if not is_local and hub_offline():
             raise GainError(f"model.path '{path}' is not a local directory and the hub is offline (HF_HUB_OFFLINE=1)")
     tokenizer = load_tokenizer(model_cfg, path)
@@ -108,8 +108,8 @@ def load_model(model_cfg: Mapping[str, Any], cache_dir: str | Path):
         model = AutoModelForCausalLM.from_pretrained(
             path,
             dtype=dtype,
-            revision=model_cfg.get("revision"),
-            trust_remote_code=bool(model_cfg.get("trust_remote_code", False)),
+            revision=model_cfg.revision,
+            trust_remote_code=model_cfg.trust_remote_code,
             use_safetensors=True,
         )
     except OSError as exc:

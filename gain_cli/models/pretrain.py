@@ -21,13 +21,15 @@ from gain_cli.data.domains import tokenizer_fingerprint
 from gain_cli.data.tiny import GENERATORS, generate
 from gain_cli.io import atomic_save_safetensors
 from gain_cli.progress import Phase, default_console
+from gain_cli.schemas.run import ModelConfig, PretrainConfig
 
 PRETRAIN_SEED = 7  # the experiment's tiny data uses seeds 1 (train) and 2 (validation)
 
 
-def _key(model_cfg: Mapping[str, Any], tokenizer) -> str:
-    desc = json.dumps({"hf_config": dict(model_cfg.get("hf_config") or {}), "init_seed": model_cfg.get("init_seed"),
-                       "pretrain": dict(model_cfg.get("pretrain") or {}), "tok": tokenizer_fingerprint(tokenizer)},
+def _key(model_cfg: ModelConfig, tokenizer) -> str:
+    desc = json.dumps({"hf_config": model_cfg.hf_config, "init_seed": model_cfg.init_seed,
+                       "pretrain": model_cfg.pretrain.to_dict() if model_cfg.pretrain else {},
+                       "tok": tokenizer_fingerprint(tokenizer)},
                       sort_keys=True, default=str)
     return hashlib.sha256(desc.encode()).hexdigest()[:12]
 
@@ -42,25 +44,26 @@ def _corpus(tokenizer, docs_per_domain: int) -> np.ndarray:
     return np.asarray(ids, dtype=np.int64)
 
 
-def pretrained_tiny(model, tokenizer, model_cfg: Mapping[str, Any], cache_dir: str | Path):
+def pretrained_tiny(model, tokenizer, model_cfg: Mapping[str, Any] | ModelConfig, cache_dir: str | Path):
     """Load the cached pretrained weights for this config, or pretrain now and cache them."""
     from safetensors.torch import load_file
 
-    pcfg = dict(model_cfg.get("pretrain") or {})
-    path = Path(cache_dir) / "models" / f"{model_cfg.get('name', 'model')}-{_key(model_cfg, tokenizer)}" / "model.safetensors"
+    model_cfg = ModelConfig.of(model_cfg)
+    pcfg = model_cfg.pretrain or PretrainConfig()
+    path = Path(cache_dir) / "models" / f"{model_cfg.name}-{_key(model_cfg, tokenizer)}" / "model.safetensors"
     if path.is_file():
         model.load_state_dict(load_file(str(path)), strict=False)
         return model.eval()
-    steps, bs, seq = int(pcfg.get("steps", 300)), int(pcfg.get("batch_size", 16)), int(pcfg.get("seq_len", 64))
-    stream = _corpus(tokenizer, int(pcfg.get("docs_per_domain", 300)))
+    steps, bs, seq = pcfg.steps, pcfg.batch_size, pcfg.seq_len
+    stream = _corpus(tokenizer, pcfg.docs_per_domain)
     n = len(stream) // seq
     blocks = torch.from_numpy(stream[: n * seq]).view(n, seq)
     g = torch.Generator().manual_seed(PRETRAIN_SEED)
-    opt = torch.optim.AdamW(model.parameters(), lr=float(pcfg.get("lr", 3e-3)), weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=float(pcfg.lr), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps))
     model.train()
 
-    with torch.random.fork_rng(devices=[]), Phase(default_console(), f"pretraining {model_cfg.get('name', 'the model')} "
+    with torch.random.fork_rng(devices=[]), Phase(default_console(), f"pretraining {model_cfg.name} "
                                                   "(once; cached for later runs)", steps, "steps", loss="-") as ph:
         torch.manual_seed(PRETRAIN_SEED)
         for step in range(steps):
@@ -80,5 +83,5 @@ def pretrained_tiny(model, tokenizer, model_cfg: Mapping[str, Any], cache_dir: s
         if v.data_ptr() not in seen:
             seen.add(v.data_ptr())
             unique[k] = v
-    atomic_save_safetensors(path, unique, metadata={"pretrain": json.dumps(pcfg), "final_loss": f"{float(loss.detach()):.4f}"})
+    atomic_save_safetensors(path, unique, metadata={"pretrain": json.dumps(pcfg.to_dict()), "final_loss": f"{float(loss.detach()):.4f}"})
     return model

@@ -14,37 +14,40 @@ from typing import Any
 
 from gain_cli.errors import GainError
 from gain_cli.models.tokenizers import byte_tokenizer
+from gain_cli.schemas.run import ModelConfig
 
 FALLBACK_VOCAB = 256 + 4  # no vocab_size and no byte tokenizer: 256 bytes + 4 special tokens (a guess, said so)
 MISSING_VOCAB = ("model_default", "fallback")
 
 
-def hf_config_from(model_cfg: Mapping[str, Any], vocab_size: int | None = None):
+def hf_config_from(model_cfg: Mapping[str, Any] | ModelConfig, vocab_size: int | None = None):
     """``AutoConfig.for_model(hf_config.model_type, **hf_config)``, the vocabulary size replaced when given."""
     from transformers import AutoConfig
 
-    fields = dict(model_cfg.get("hf_config") or {})
+    model_cfg = ModelConfig.of(model_cfg)
+    fields = dict(model_cfg.hf_config)
     model_type = fields.pop("model_type", None)
     if not model_type:
-        raise GainError(f"model config '{model_cfg.get('name')}' has no hf_config.model_type: add the architecture "
+        raise GainError(f"model config '{model_cfg.name}' has no hf_config.model_type: add the architecture "
                         "fields (model_type, hidden sizes, layers, heads, vocab_size, …) under model.hf_config")
     if vocab_size is not None:
         fields["vocab_size"] = vocab_size
     try:
         return AutoConfig.for_model(model_type, **fields)
     except (ValueError, KeyError, TypeError) as exc:
-        raise GainError(f"model config '{model_cfg.get('name')}': {str(exc).splitlines()[0]}") from exc
+        raise GainError(f"model config '{model_cfg.name}': {str(exc).splitlines()[0]}") from exc
 
 
-def byte_vocab(model_cfg: Mapping[str, Any]) -> int | None:
+def byte_vocab(model_cfg: Mapping[str, Any] | ModelConfig) -> int | None:
     """The vocabulary a ``tokenizer: bytes`` model gets when its hf_config names none (what load_model gives it)."""
-    if model_cfg.get("tokenizer") != "bytes" or "vocab_size" in (model_cfg.get("hf_config") or {}):
+    model_cfg = ModelConfig.of(model_cfg)
+    if model_cfg.tokenizer != "bytes" or "vocab_size" in model_cfg.hf_config:
         return None
 
     return len(byte_tokenizer())
 
 
-def config_without_weights(model_cfg: Mapping[str, Any], missing_vocab: str = "model_default",
+def config_without_weights(model_cfg: Mapping[str, Any] | ModelConfig, missing_vocab: str = "model_default",
                            from_disk: bool = False) -> tuple[Any, str | None]:
     """(HF config, a note or None) for a model without loading it.
 
@@ -53,15 +56,16 @@ def config_without_weights(model_cfg: Mapping[str, Any], missing_vocab: str = "m
     without ``hf_config`` is read from ``model.path``'s config.json when that is on disk."""
     if missing_vocab not in MISSING_VOCAB:
         raise ValueError(f"missing_vocab must be one of {MISSING_VOCAB}, not {missing_vocab!r}")
-    fields = model_cfg.get("hf_config") or {}
+    model_cfg = ModelConfig.of(model_cfg)
+    fields = model_cfg.hf_config
     if from_disk and not fields.get("model_type"):
-        path = model_cfg.get("path")
+        path = model_cfg.path
         if path and (Path(os.path.expanduser(str(path))) / "config.json").is_file():
             from transformers import AutoConfig
 
             return AutoConfig.from_pretrained(os.path.expanduser(str(path)), local_files_only=True,
-                                              trust_remote_code=bool(model_cfg.get("trust_remote_code", False))), None
-        raise GainError(f"model config '{model_cfg.get('name')}' has no hf_config (and no local model.path with a "
+                                              trust_remote_code=model_cfg.trust_remote_code), None
+        raise GainError(f"model config '{model_cfg.name}' has no hf_config (and no local model.path with a "
                         "config.json): add the architecture fields under model.hf_config to estimate memory")
     vocab, note = byte_vocab(model_cfg), None
     if vocab is not None and missing_vocab == "fallback":

@@ -378,8 +378,8 @@ def write_study_report(runs: Sequence[Any], spec, out_dir: Path, base_cfg, paper
     figs = _figures(groups, tasks, domains, fig_dir)
     paper_figs: list[tuple[str, Path]] = []
     firsts = [groups[m].runs[0].path for m in ("gain_ffn", "lora") if m in groups]
-    if paper_figures is not None and spec.figures.get("enabled", True) and firsts:
-        paper_figs = paper_figures(firsts, spec.figures or {}, out_dir)
+    if paper_figures is not None and spec.figures.enabled and firsts:
+        paper_figs = paper_figures(firsts, spec.figures, out_dir)
 
     atomic_write_json(out_dir / "study.json", {
         "study": spec.name, "recipe": spec.recipe, "domains": domains, "level": spec.level,

@@ -18,7 +18,7 @@ def make_accelerator(cfg):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    mp = str(cfg.train.get("mixed_precision", "no"))
+    mp = str(cfg.train.mixed_precision)
     if mp not in MIXED_PRECISION:
         raise GainError(f"unknown train.mixed_precision '{mp}' (valid: {', '.join(MIXED_PRECISION)})")
     # Accelerate keeps its settings in a process-wide state that refuses a second, different mixed precision; a
@@ -39,7 +39,7 @@ def make_accelerator(cfg):
         from accelerate.utils import InitProcessGroupKwargs
 
         handlers.append(InitProcessGroupKwargs(timeout=timeout))
-    acc = Accelerator(gradient_accumulation_steps=int(cfg.train.get("grad_accum", 1)), mixed_precision=mp,
+    acc = Accelerator(gradient_accumulation_steps=int(cfg.train.grad_accum), mixed_precision=mp,
                       kwargs_handlers=handlers)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if acc.num_processes != world:

@@ -43,13 +43,12 @@ from gain_cli import faults
 from gain_cli.errors import GainError
 from gain_cli.models.compiling import maybe_compile
 from gain_cli.models.kv_cache import no_kv_cache
+from gain_cli.schemas.run import TrainConfig, group_of
 from gain_cli.training.accelerator import prepared_for_stage
 from gain_cli.training.checkpoint import StageCheckpoints
 from gain_cli.training.loop import StageStats, _micro_batch_loss, _step, stage_order
 from gain_cli.training.optim import make_optimizer, make_scheduler
 
-DOMAIN_SCHEDULES = ("stages", "drift")
-DEFAULT_OVERLAP = 0.5
 CHECKPOINT_DIR = "drift"  # in the run directory: the one run's trainer checkpoints
 _PLAN_SEED = 7_777_777  # the plan's draws (offset from stage_order's seeds, which are 1_000_003·seed + stage)
 SHARDING_REFUSAL = ("train.domain_schedule=drift trains unsharded: sharded training (train.sharding=fsdp|zero3) "
@@ -59,9 +58,7 @@ SHARDING_REFUSAL = ("train.domain_schedule=drift trains unsharded: sharded train
 
 def domain_schedule(cfg) -> str:
     """``stages`` or ``drift`` (``train.domain_schedule``; a config without the key is ``stages``)."""
-    from omegaconf import OmegaConf
-
-    return str(OmegaConf.select(cfg, "train.domain_schedule", default="stages") or "stages")
+    return group_of(cfg, "train").domain_schedule
 
 
 def is_drift(cfg) -> bool:
@@ -70,8 +67,7 @@ def is_drift(cfg) -> bool:
 
 def drift_overlap(train_cfg) -> float:
     """``train.drift_overlap``: the transition window as a fraction of a segment (default 0.5)."""
-    value = train_cfg.get("drift_overlap", DEFAULT_OVERLAP)
-    return DEFAULT_OVERLAP if value is None else float(value)
+    return float(TrainConfig.of(train_cfg).drift_overlap)
 
 
 # --- the mixing schedule ------------------------------------------------------------------------
@@ -120,10 +116,10 @@ class DriftTrainer:
     def __init__(self, model, method, blocks: list[torch.Tensor], domains: list[str], train_cfg, *, seed: int,
                  accelerator):
         self.model, self.method, self.blocks, self.domains = model, method, blocks, domains
-        self.cfg, self.acc, self.seed = train_cfg, accelerator, int(seed)
-        self.steps = int(train_cfg["steps"])
+        self.cfg, self.acc, self.seed = TrainConfig.of(train_cfg), accelerator, int(seed)
+        self.steps = self.cfg.steps
         self.total = len(blocks) * self.steps
-        self.bs, self.ga = int(train_cfg["batch_size"]), int(train_cfg.get("grad_accum", 1))
+        self.bs, self.ga = self.cfg.batch_size, self.cfg.grad_accum
         self.per_step = self.bs * self.ga * accelerator.num_processes
         self.overlap = drift_overlap(train_cfg)
         self.domain_of, self.block_of = drift_plan([b.shape[0] for b in blocks], self.steps, self.per_step,
@@ -174,14 +170,13 @@ class DriftTrainer:
             StageCheckpoints.restore_rng(self.rng)
         acc, model = self.acc, self.model
         world = acc.num_processes
-        max_norm = self.cfg.get("max_grad_norm")
-        log_every = max(1, int(self.cfg.get("log_every", 10)))
+        max_norm, log_every = self.cfg.max_grad_norm, self.cfg.log_every
         start, tokens0 = self.step, self.tokens
         model.train()
         with prepared_for_stage(acc, model, self.optimizer) as (pmodel, optimizer), no_kv_cache(model):
             if acc.scaler is not None and self.scaler_state is not None:
                 acc.scaler.load_state_dict(self.scaler_state)
-            forward = maybe_compile(pmodel, self.cfg.get("compile", False) is True, acc.device, "train.compile")
+            forward = maybe_compile(pmodel, self.cfg.compile is True, acc.device, "train.compile")
             t0 = time.perf_counter()
             for step in range(start, hi):
                 local = step - lo  # 0-based step of the segment (fault points and logs as a staged stage's)

@@ -20,6 +20,7 @@ from gain_cli import faults
 from gain_cli.errors import GainError
 from gain_cli.models.compiling import maybe_compile
 from gain_cli.models.kv_cache import no_kv_cache
+from gain_cli.schemas.run import TrainConfig
 from gain_cli.training import zero3
 from gain_cli.training.accelerator import prepared_for_stage, sharded_stage
 from gain_cli.training.optim import SCHEDULES, make_optimizer, make_scheduler  # noqa: F401  (re-exported)
@@ -60,9 +61,8 @@ def train_stage(model, method, blocks: torch.Tensor, train_cfg, *, seed: int, st
 
     ``engine``: the run's DeepSpeed ZeRO-3 engine (train.sharding=zero3), whose optimiser is the run's and is
     started afresh here; it does the backward, the gradient averaging, accumulation and clipping and the step."""
-    steps = int(train_cfg["steps"])
-    bs = int(train_cfg["batch_size"])
-    ga = int(train_cfg.get("grad_accum", 1))
+    train = TrainConfig.of(train_cfg)
+    steps, bs, ga = train.steps, train.batch_size, train.grad_accum
     world = accelerator.num_processes
     per_step = bs * ga * world
     # the method's order (Method.training_order: replay's composed sequence), else the loop's seeded shuffle
@@ -83,7 +83,7 @@ def train_stage(model, method, blocks: torch.Tensor, train_cfg, *, seed: int, st
         if not any(p.numel() for g in groups for p in g["params"]):
             raise GainError(f"method '{method.name}' has no trainable parameters on this model")
         optimizer = make_optimizer(groups)
-    scheduler = make_scheduler(optimizer, train_cfg, steps)
+    scheduler = make_scheduler(optimizer, train, steps)
     start, losses, tokens = 0, [], 0
     saved = checkpoints.load() if checkpoints is not None else None
     if saved is not None:  # continue mid-stage exactly where the checkpoint left off
@@ -97,8 +97,7 @@ def train_stage(model, method, blocks: torch.Tensor, train_cfg, *, seed: int, st
         start, losses, tokens = int(saved["step"]), list(saved["losses"]), int(saved["tokens"])
     model.train()
     params = [] if engine is not None else [p for g in groups for p in g["params"]]  # zero3: the engine clips
-    max_norm = train_cfg.get("max_grad_norm")
-    log_every = max(1, int(train_cfg.get("log_every", 10)))
+    max_norm, log_every = train.max_grad_norm, train.log_every
 
     # The scheduler is stepped by hand once per optimiser step (Accelerate's wrapper would step it once per
     # process). No K/V cache copies in a training forward (the Trainer turns it off too).
@@ -108,7 +107,7 @@ def train_stage(model, method, blocks: torch.Tensor, train_cfg, *, seed: int, st
             accelerator.scaler.load_state_dict(saved["scaler"])
         if engine is not None:
             pmodel = engine
-        forward = maybe_compile(pmodel, train_cfg.get("compile", False) is True, accelerator.device, "train.compile")
+        forward = maybe_compile(pmodel, train.compile is True, accelerator.device, "train.compile")
         t0 = time.perf_counter()
         tokens0 = tokens
         for step in range(start, steps):

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from gain_cli.errors import GainError
-
-SCHEDULES = ("cosine", "linear", "constant")
+from gain_cli.schemas.run import SCHEDULES, TrainConfig  # noqa: F401  (SCHEDULES: re-exported)
 
 
 def make_scheduler(optimizer, train_cfg, total_steps: int):
     from transformers import get_scheduler
 
-    name = str(train_cfg.get("schedule", "cosine"))
-    if name not in SCHEDULES:
-        raise GainError(f"unknown train.schedule '{name}' (valid: {', '.join(SCHEDULES)})")
-    warmup = int(round(float(train_cfg.get("warmup_ratio", 0.0)) * total_steps))
+    train = TrainConfig.of(train_cfg)
+    name = train.schedule
+    warmup = int(round(float(train.warmup_ratio) * total_steps))
     return get_scheduler("constant_with_warmup" if name == "constant" else name, optimizer,
                          num_warmup_steps=warmup, num_training_steps=total_steps)
 

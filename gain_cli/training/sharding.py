@@ -37,10 +37,11 @@ from torch import nn
 
 from gain_cli.accelerate_configs import sharding_of
 from gain_cli.architectures import decoder_layers
-from gain_cli.errors import GainError, unknown_choice
+from gain_cli.errors import GainError
+from gain_cli.schemas.run import SHARDING, group_of
 from gain_cli.training import zero3
 
-SHARDINGS = ("none", "fsdp", "zero3", "auto")
+SHARDINGS = SHARDING
 TIMEOUT_ENV = "GAIN_DIST_TIMEOUT_S"  # process-group timeout in seconds (tests: a hang fails fast)
 
 
@@ -57,11 +58,8 @@ def process_group_timeout() -> timedelta | None:
 def requested_sharding(cfg) -> str:
     """``none``, ``fsdp``, ``zero3`` or ``auto`` from ``train.sharding``, the launcher's Accelerate config or the
     environment."""
-    value = str((cfg.get("train") or {}).get("sharding", "none") or "none")
-    if value not in SHARDINGS:
-        raise unknown_choice("train.sharding", value, SHARDINGS)
-    launcher = (cfg.get("launcher") or {}) if hasattr(cfg, "get") else {}
-    from_file = sharding_of(launcher.get("accelerate_config")) if launcher.get("accelerate_config") else "none"
+    value, launcher = group_of(cfg, "train").sharding, group_of(cfg, "launcher")
+    from_file = sharding_of(launcher.accelerate_config) if launcher.accelerate_config else "none"
     # a hand launch with a DeepSpeed config (accelerate launch sets these; make_accelerator then drops the first,
     # so that Accelerate builds no DeepSpeed plugin of its own, and the stage stays)
     deepspeed_env = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")

@@ -22,6 +22,7 @@ from typing import Any
 from omegaconf import ListConfig
 
 from gain_cli.errors import GainError
+from gain_cli.schemas.run import TrainConfig
 
 # what each tracker needs installed (Accelerate's names), and how to get it
 PACKAGES = {"tensorboard": (("tensorboard", "tensorboardX"), "pip install 'gain-cli[tensorboard]'"),
@@ -31,7 +32,7 @@ PACKAGES = {"tensorboard": (("tensorboard", "tensorboardX"), "pip install 'gain-
 
 
 def requested_trackers(train_cfg) -> list[str]:
-    value = train_cfg.get("log_with")
+    value = TrainConfig.of(train_cfg).log_with
     if value in (None, "", "none"):
         return []
     names = [str(v) for v in (value if isinstance(value, (list, tuple, ListConfig)) else [value])]
@@ -48,8 +49,8 @@ def hyperparameters(cfg) -> dict[str, Any]:
     """Flat scalars a tracker can show as the run's hyperparameters."""
     method = cfg.method
     out = {"recipe": str(cfg.recipe), "model": str(cfg.model.name), "method": str(method.name),
-           "lr": float(method.get("lr", 0.0)), "seed": int(cfg.seed), "steps_per_stage": int(cfg.train.steps),
-           "batch_size": int(cfg.train.batch_size), "grad_accum": int(cfg.train.get("grad_accum", 1)),
+           "lr": float(method.lr), "seed": int(cfg.seed), "steps_per_stage": int(cfg.train.steps),
+           "batch_size": int(cfg.train.batch_size), "grad_accum": int(cfg.train.grad_accum),
            "seq_len": int(cfg.train.seq_len), "domains": ",".join(str(d) for d in cfg.domains.sequence)}
     for key in ("r", "alpha", "modules", "l2", "lam"):
         if method.get(key) is not None:

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from gain_cli.errors import GainError
+from gain_cli.schemas.run import TrainConfig
 from gain_cli.training.optim import make_optimizer
 
 INSTALL_HINT = ("DeepSpeed is an optional extra: `make setup-deepspeed` (or pip install setuptools wheel hjson ninja "
@@ -61,13 +62,13 @@ def is_zero_param(t) -> bool:
 
 def ds_config(train_cfg, world: int) -> dict[str, Any]:
     """The DeepSpeed config of a run: micro-batch and accumulation from ``train``, ZeRO stage 3, clipping, bf16."""
-    bs, ga = int(train_cfg["batch_size"]), int(train_cfg.get("grad_accum", 1))
-    mp = str(train_cfg.get("mixed_precision", "no"))
+    train = TrainConfig.of(train_cfg)
+    bs, ga, mp = train.batch_size, train.grad_accum, train.mixed_precision
     return {
         "train_micro_batch_size_per_gpu": bs,
         "gradient_accumulation_steps": ga,
         "train_batch_size": bs * ga * world,
-        "gradient_clipping": float(train_cfg.get("max_grad_norm") or 0.0),
+        "gradient_clipping": float(train.max_grad_norm or 0.0),
         "bf16": {"enabled": mp == "bf16"},  # bf16 weights, fp32 master copies of the trainable ones
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
                               "stage3_max_live_parameters": 0, "stage3_max_reuse_distance": 0,
@@ -84,7 +85,7 @@ def make_engine(model: nn.Module, method, train_cfg, device_type: str, world: in
         raise GainError(f"method '{method.name}' cannot train with train.sharding=zero3: its penalty is computed "
                         "outside the forward, where ZeRO-3 parameters are empty (set it to 0, or use "
                         "train.sharding=fsdp)")
-    if train_cfg.get("compile", False) is True:  # auto: eager under ZeRO-3 (Experiment.plan_compile)
+    if TrainConfig.of(train_cfg).compile is True:  # auto: eager under ZeRO-3 (Experiment.plan_compile)
         raise GainError("train.compile is not supported with train.sharding=zero3 (DeepSpeed's hooks gather the "
                         "parameters around every module); set train.compile=false or use train.sharding=fsdp")
     deepspeed = import_deepspeed(device_type)
