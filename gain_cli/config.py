@@ -89,16 +89,30 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("gain_pkg", lambda rel: str(_package_dir() / rel))
 
 
+def _store_defaults() -> None:
+    """Hydra's ConfigStore entries the composition starts from: ``gain_defaults`` (every section's keys and
+    defaults, first in configs/config.yaml) and ``method_defaults/<kind>`` (each method kind's, first in its YAMLs):
+    every key exists before a group or an override sets it, and its default is written only in its section."""
+    from hydra.core.config_store import ConfigStore
+
+    # imports torch and every method: only once a config is composed (not on `gain --help`)
+    from gain_cli.methods import METHOD_KINDS
+
+    store = ConfigStore.instance()
+    store.store(name="gain_defaults", node=composition_defaults())
+    for kind, cls in METHOD_KINDS.items():
+        store.store(group="method_defaults", name=kind, node={**cls.config.defaults(), "kind": kind})
+
+
 def compose_config(overrides: Sequence[str] = (), recipe: str | None = None) -> DictConfig:
     """Compose the base config, the recipe (if any) and the overrides into one resolved config."""
     from hydra import compose, initialize_config_dir
-    from hydra.core.config_store import ConfigStore
     from hydra.errors import HydraException
 
     overrides = list(overrides)
     _check_overrides(overrides)
     _register_resolvers()
-    ConfigStore.instance().store(name="gain_defaults", node=composition_defaults())
+    _store_defaults()
     if recipe is not None and recipe not in recipe_choices():
         raise unknown_choice("recipe", recipe, recipe_choices())
     hydra_overrides = [f"hydra.searchpath=[file://{config_root()}]"]

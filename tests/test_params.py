@@ -31,7 +31,10 @@ def model_cfg(name: str) -> dict:
 
 
 def method_cfg(name: str, **extra) -> dict:
-    return {**OmegaConf.to_container(OmegaConf.load(CONFIGS / "method" / f"{name}.yaml")), **extra}
+    """The shipped method config ``name`` as composed (its YAML over its kind's defaults), with ``extra``."""
+    from gain_cli.config import compose_config
+
+    return {**OmegaConf.to_container(compose_config([f"method={name}"], None).method), **extra}
 
 
 def test_gpt2_large_counts_from_the_skeleton():

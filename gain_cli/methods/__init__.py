@@ -72,7 +72,8 @@ def boundary_free_methods() -> list[str]:
     """The shipped method configs (configs/method/*.yaml) that can train boundary-free."""
     out = []
     for path in sorted((configs_dir() / "method").glob("*.yaml")):
-        c = OmegaConf.load(path)
+        c = OmegaConf.to_container(OmegaConf.load(path))
+        c.pop("defaults", None)  # Hydra's defaults list (method_defaults/<kind>): method_config fills the same
         if method_class(c, strict=False) is not None and not boundary_refusal(c):
             out.append(method_config(c).name)
     return out
