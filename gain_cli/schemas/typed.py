@@ -14,8 +14,9 @@ adds the checks that involve several fields. ``to_dict()`` is the inverse (YAML 
 with ``key=``.
 
 Why not OmegaConf's structured configs: their fields must be Python identifiers (the penalty strength is
-``lambda`` in every config, recipe and saved run) and their type errors are not one line naming the valid values;
-composition stays Hydra's, and each section is checked right after it.
+``lambda`` in every config, recipe and saved run) and their type errors are not one line naming the valid values.
+Composition stays Hydra's: the sections' defaults are ConfigStore entries the composition starts from
+(``gain_cli.config``), and the composed config is read through the sections right after it.
 """
 
 from __future__ import annotations
@@ -252,8 +253,3 @@ def _read(tp, f: dataclasses.Field, value: Any, where: str) -> Any:
         shown = value if isinstance(value, int) and not isinstance(value, bool) else repr(value)
         raise GainError(f"{where} must be {check[1]}, got {shown}")
     return value
-
-
-def _describe_valid(base, f: dataclasses.Field) -> str:
-    check = f.metadata.get("check")
-    return _kind(base) if check is None or base is Any else f"{_kind(base)} ({check[1]})"
