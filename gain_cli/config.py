@@ -7,6 +7,7 @@ whose defaults override the groups; the command line beats the recipe.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -89,6 +90,7 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("gain_pkg", lambda rel: str(_package_dir() / rel))
 
 
+@functools.cache
 def _store_defaults() -> None:
     """Hydra's ConfigStore entries the composition starts from: ``gain_defaults`` (every section's keys and
     defaults, first in configs/config.yaml) and ``method_defaults/<kind>`` (each method kind's, first in its YAMLs):

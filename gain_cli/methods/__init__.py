@@ -42,11 +42,7 @@ def method_class(cfg: Mapping[str, Any] | MethodConfig, strict: bool = True) -> 
 def method_config(cfg: Mapping[str, Any] | MethodConfig) -> MethodConfig:
     """The typed config of the method ``cfg`` names (its kind's config class: defaults filled in, values checked,
     one line on a bad or unknown key); ``method.name`` defaults to the kind."""
-    typed = method_class(cfg).config.of(cfg)
-    if not typed.kind or not typed.name:
-        kind = typed.kind or typed.name
-        typed = type(typed).of({**typed.to_dict(), "kind": kind, "name": typed.name or kind})
-    return typed
+    return method_class(cfg).config.of(cfg)
 
 
 def build_method(cfg: Mapping[str, Any] | MethodConfig, spec: ArchSpec) -> Method:

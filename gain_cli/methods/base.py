@@ -51,6 +51,9 @@ class StageContext:
     accelerator: Any
 
 
+LR_RANGE = between(0, 1, "a number in (0, 1]", open_lo=True)  # every method's method.lr
+
+
 @section("method")
 class MethodConfig(Section):
     """The settings every method has; a method's own config class adds its fields."""
@@ -58,10 +61,14 @@ class MethodConfig(Section):
     name: str = setting("", "the config's name (configs/method/<name>.yaml; its runs' folder); default: the kind")
     kind: str = setting("", "the registered method kind (gain_cli/methods/)")
     lr: float = setting(1.0e-4, "AdamW learning rate of the method's trainable parameters",
-                        check=between(0, 1, "a number in (0, 1]", open_lo=True))
+                        check=LR_RANGE)
     weight_decay: float | None = setting(0.0, "AdamW weight decay (null: 0)", check=non_negative())
     penalty: Any = setting(None, "a penalty toward the previous stage: l2 | ewc | {name: ewc, lambda: ..., ...} "
                            "(gain_cli/methods/penalties.py)")
+
+    def __post_init__(self):
+        self.kind = self.kind or self.name  # a config names its kind, its name, or both
+        self.name = self.name or self.kind
 
 
 def register(kind: str, config: type[MethodConfig] = MethodConfig):

@@ -8,15 +8,15 @@ import torch
 from torch import nn
 
 from gain_cli.errors import GainError
-from gain_cli.methods.base import Method, MethodConfig, register
-from gain_cli.schemas.typed import between, section, setting
+from gain_cli.methods.base import LR_RANGE, Method, MethodConfig, register
+from gain_cli.schemas.typed import section, setting
 from gain_cli.training.sharding import full, is_main_rank, is_partitioned, set_full_
 
 
 @section("method")
 class FullFtConfig(MethodConfig):
     lr: float = setting(2.0e-5, "AdamW learning rate of every weight (ours)",
-                        check=between(0, 1, "a number in (0, 1]", open_lo=True))
+                        check=LR_RANGE)
 
 
 @register("full_ft", config=FullFtConfig)

@@ -46,8 +46,8 @@ from torch import nn
 
 from gain_cli.architectures import decoder_layers, get_submodule, in_features, is_transposed
 from gain_cli.errors import GainError
-from gain_cli.methods.base import Method, MethodConfig, check_state_keys, freeze, register
-from gain_cli.schemas.typed import between, non_negative, section, setting
+from gain_cli.methods.base import LR_RANGE, Method, MethodConfig, check_state_keys, freeze, register
+from gain_cli.schemas.typed import non_negative, section, setting
 from gain_cli.training.sharding import (full, global_sum, is_dtensor, local, mul_replicated_, reshard, set_full_,
                                        shape_of)
 
@@ -145,7 +145,7 @@ class GainConfig(MethodConfig):
     carry: str = setting("auto", "merge: fold s into the weights after each stage | product: keep an fp32 running "
                          "product | auto: product for 16-bit weights", choices=CARRY_MODES)
     lr: float = setting(3.0e-3, "AdamW learning rate of s (ours; the paper's is not public)",
-                        check=between(0, 1, "a number in (0, 1]", open_lo=True))
+                        check=LR_RANGE)
 
 
 @register("gain", config=GainConfig)

@@ -21,9 +21,9 @@ from __future__ import annotations
 from typing import Any
 
 from gain_cli.errors import GainError
-from gain_cli.methods.base import MethodConfig, register
+from gain_cli.methods.base import LR_RANGE, MethodConfig, register
 from gain_cli.methods.lora import PeftMethod
-from gain_cli.schemas.typed import between, section, setting
+from gain_cli.schemas.typed import section, setting
 
 
 def default_ia3_modules(spec) -> tuple[list[str], list[str]]:
@@ -76,7 +76,7 @@ class Ia3Config(MethodConfig):
                                   "down_proj)")
     feedforward_modules: Any = setting(None, "the targets scaled on their input; null: PEFT's defaults among them")
     lr: float = setting(3.0e-3, "AdamW learning rate of the vectors (ours)",
-                        check=between(0, 1, "a number in (0, 1]", open_lo=True))
+                        check=LR_RANGE)
 
 
 def ia3_config(cfg: Ia3Config, spec):

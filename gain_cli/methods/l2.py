@@ -45,8 +45,7 @@ class L2Config(LoraConfig):
 def build_base(cfg: L2Config, spec) -> Method:
     """The full-FT or LoRA method that the l2 / ewc methods put their penalty on (``method.base``)."""
     cls = BASES[cfg.base]
-    own = cls.config.fields_by_key()
-    inner = cls({k: v for k, v in cfg.to_dict().items() if k in own}, spec)
+    inner = cls(cls.config.shared_with(cfg), spec)
     inner.name = cfg.name or inner.kind
     return inner
 

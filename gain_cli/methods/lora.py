@@ -16,7 +16,7 @@ from torch import nn
 
 from gain_cli.architectures import decoder_layers
 from gain_cli.errors import GainError
-from gain_cli.methods.base import Method, MethodConfig, check_state_keys, per_layer_formula, register
+from gain_cli.methods.base import LR_RANGE, Method, MethodConfig, check_state_keys, per_layer_formula, register
 from gain_cli.schemas.typed import at_least, between, positive, section, setting
 from gain_cli.training.sharding import (
     add_full_,
@@ -43,7 +43,7 @@ class LoraConfig(MethodConfig):
     target_modules: Any = setting(None, "module names to adapt; null: the architecture table's defaults (attention "
                                   "projections)")
     lr: float = setting(2.0e-4, "AdamW learning rate of the adapter (ours)",
-                        check=between(0, 1, "a number in (0, 1]", open_lo=True))
+                        check=LR_RANGE)
 
 
 def lora_config(cfg: LoraConfig, spec):

@@ -290,9 +290,7 @@ def build_penalty(spec: Any, host: Method, flat: Mapping[str, Any] | None = None
         raise unknown_choice("method.penalty", name, PENALTIES)
     cls = PENALTIES[name]
     if not isinstance(spec, Mapping):  # the l2 / ewc methods: the penalty's keys among the method's own settings
-        own = cls.config.fields_by_key()
-        flat = flat.to_dict() if isinstance(flat, Section) else dict(flat or {})
-        settings = {k: v for k, v in flat.items() if k in own}
+        settings = cls.config.shared_with(flat or {}, prefix)
     return cls(settings, host, prefix)
 
 

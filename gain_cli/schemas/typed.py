@@ -170,6 +170,14 @@ class Section:
             raise
 
     @classmethod
+    def shared_with(cls, other: Section | Mapping[str, Any], prefix: str | None = None):
+        """This section from the keys of ``other`` that it also has (the l2 / ewc methods: their base method's
+        settings, their penalty's settings)."""
+        own = cls.fields_by_key()
+        items = other.to_dict() if isinstance(other, Section) else dict(other)
+        return cls.of({k: v for k, v in items.items() if k in own}, prefix)
+
+    @classmethod
     def defaults(cls) -> dict[str, Any]:
         """Every field's default under its YAML name, without checks (a required field is left out)."""
         out = {}
